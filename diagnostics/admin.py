@@ -1,0 +1,93 @@
+"""The radiologists' view of cases. Read-only here: every change goes through services."""
+
+from django.contrib import admin
+
+from diagnostics import selectors
+from diagnostics.models import Case, Image, Prediction, Site, SiteMembership
+
+
+@admin.register(Site)
+class SiteAdmin(admin.ModelAdmin):
+    list_display = ["name", "created_at"]
+    search_fields = ["name"]
+
+
+@admin.register(SiteMembership)
+class SiteMembershipAdmin(admin.ModelAdmin):
+    list_display = ["user", "site"]
+    list_select_related = ["user", "site"]
+    autocomplete_fields = ["site"]
+
+
+class ReadOnlyAdminMixin:
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+class ImageInline(ReadOnlyAdminMixin, admin.TabularInline):
+    model = Image
+    fields = [
+        "position",
+        "original_name",
+        "width",
+        "height",
+        "status",
+        "attempts",
+        "error",
+        "predicted_label",
+        "confidence",
+        "model_version",
+    ]
+    readonly_fields = fields
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("prediction")
+
+    @admin.display(description="label")
+    def predicted_label(self, image):
+        prediction = getattr(image, "prediction", None)
+        return prediction.label if prediction else "-"
+
+    @admin.display(description="confidence")
+    def confidence(self, image):
+        prediction = getattr(image, "prediction", None)
+        return f"{max(prediction.probabilities.values()):.1%}" if prediction else "-"
+
+    @admin.display(description="model")
+    def model_version(self, image):
+        prediction = getattr(image, "prediction", None)
+        return f"{prediction.model_name} {prediction.model_version}" if prediction else "-"
+
+
+@admin.register(Case)
+class CaseAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["id", "site", "reference", "status", "image_count", "created_at"]
+    list_filter = ["status", "site"]
+    search_fields = ["=id", "reference"]
+    list_select_related = ["site"]
+    inlines = [ImageInline]
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_active and request.user.is_staff
+
+    def get_queryset(self, request):
+        from django.db.models import Count
+
+        return selectors.cases_visible_to(request.user).annotate(image_count=Count("images"))
+
+    @admin.display(ordering="image_count", description="images")
+    def image_count(self, case):
+        return case.image_count
+
+
+@admin.register(Prediction)
+class PredictionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["image", "label", "model_name", "model_version", "runtime", "created_at"]
+    list_filter = ["label", "model_version"]
+    list_select_related = ["image"]

@@ -1,0 +1,267 @@
+"""Every write to the domain happens here; the API, the admin and the workers call these."""
+
+import logging
+import time
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import DatabaseError, transaction
+from django.db.models import Count, F, Q
+from django.utils import timezone
+
+from diagnostics import jobs, storage
+from diagnostics.errors import InvalidUpload, ServiceUnavailable
+from diagnostics.models import TERMINAL_STATUSES, Case, Image, Prediction, Site, Status
+from diagnostics.uploads import check_image
+
+logger = logging.getLogger(__name__)
+
+
+class NoSite(InvalidUpload):
+    status_code = 403
+    code = "no_site"
+
+
+def site_for(user) -> Site:
+    membership = getattr(user, "site_membership", None)
+    if membership is None:
+        raise NoSite("your account belongs to no site; ask an administrator to add it to one")
+    return membership.site
+
+
+def case_create(*, user, uploads: list[tuple[str, bytes]], reference: str = "") -> Case:
+    """Store every slice in S3, then commit the case and its images in one transaction.
+
+    All files are decoded before anything is stored, so one bad file rejects the whole
+    request with nothing kept. If S3 or the database fails half way, the objects already
+    written are deleted again: no row points at a missing object, and no object is left
+    without a row. Jobs are sent only after the commit.
+    """
+    site = site_for(user)
+    if not uploads:
+        raise InvalidUpload("no images: send one or more files in the 'images' field")
+    if len(uploads) > settings.MAX_IMAGES_PER_CASE:
+        raise InvalidUpload(
+            f"{len(uploads)} images in one case; the limit is {settings.MAX_IMAGES_PER_CASE}"
+        )
+    checked = [check_image(data, name) for name, data in uploads]
+
+    case = Case(id=uuid.uuid4(), site=site, uploaded_by=user, reference=reference)
+    images = []
+    for position, item in enumerate(checked):
+        image_id = uuid.uuid4()
+        images.append(
+            Image(
+                id=image_id,
+                case=case,
+                position=position,
+                s3_key=f"scans/{case.id}/{image_id}",
+                sha256=item.sha256,
+                size_bytes=len(item.data),
+                content_type=item.content_type,
+                width=item.width,
+                height=item.height,
+                original_name=item.original_name[:255],
+            )
+        )
+
+    stored_keys: list[str] = []
+    try:
+        for image, item in zip(images, checked):
+            storage.put(image.s3_key, item.data, content_type=item.content_type, sha256=item.sha256)
+            stored_keys.append(image.s3_key)
+        with transaction.atomic():
+            case.save(force_insert=True)
+            Image.objects.bulk_create(images)
+            image_ids = [image.id for image in images]
+            transaction.on_commit(lambda: enqueue_images(image_ids))
+    except storage.StorageUnavailable as exc:
+        _discard_objects(stored_keys)
+        logger.warning("upload refused, object storage unavailable: %s", exc)
+        raise ServiceUnavailable(
+            "object storage is unavailable; nothing was stored, retry later"
+        ) from exc
+    except DatabaseError as exc:
+        _discard_objects(stored_keys)
+        logger.warning("upload refused, database unavailable: %s", exc)
+        raise ServiceUnavailable(
+            "the database is unavailable; nothing was stored, retry later"
+        ) from exc
+    return case
+
+
+def _discard_objects(keys: list[str]) -> None:
+    try:
+        storage.delete_many(keys)
+    except storage.StorageUnavailable:
+        # Orphans without a row are harmless to users; log them for cleanup.
+        logger.error("could not delete %d orphaned objects: %s", len(keys), keys)
+
+
+def enqueue_images(image_ids) -> int:
+    """Send one classification job per image and mark the sent ones queued.
+
+    Runs after the commit. An image whose job could not be sent stays `received`;
+    it is re-sent later, so it is never lost.
+    """
+    sent = []
+    for image_id in image_ids:
+        try:
+            jobs.send_classify(image_id)
+        except Exception:
+            logger.exception("could not send the job for image %s; it stays received", image_id)
+            break
+        sent.append(image_id)
+    if sent:
+        now = timezone.now()
+        Image.objects.filter(id__in=sent, status=Status.RECEIVED).update(
+            status=Status.QUEUED, queued_at=now
+        )
+        for case_id in set(Image.objects.filter(id__in=sent).values_list("case_id", flat=True)):
+            _refresh_case_status(case_id)
+    return len(sent)
+
+
+def image_claim(image_id) -> Image | None:
+    """Move an image to `processing` for this worker; None if it is not ours to process.
+
+    A claim older than the job's hard time limit belongs to a worker that died (the
+    broker redelivers its job), so it may be taken over.
+    """
+    now = timezone.now()
+    abandoned_before = now - timedelta(seconds=settings.CLASSIFY_TIME_LIMIT_S + 30)
+    claimable = Q(status__in=[Status.RECEIVED, Status.QUEUED]) | Q(
+        status=Status.PROCESSING, processing_started_at__lt=abandoned_before
+    )
+    claimed = Image.objects.filter(claimable, id=image_id).update(
+        status=Status.PROCESSING, processing_started_at=now, attempts=F("attempts") + 1
+    )
+    if not claimed:
+        return None
+    image = Image.objects.get(id=image_id)
+    _refresh_case_status(image.case_id)
+    return image
+
+
+def image_release(image_id) -> None:
+    """Give a claimed image back to the queue (its job will be retried)."""
+    Image.objects.filter(id=image_id, status=Status.PROCESSING).update(status=Status.QUEUED)
+
+
+def image_fail(image_id, cause: str) -> None:
+    with transaction.atomic():
+        updated = (
+            Image.objects.filter(id=image_id)
+            .exclude(status__in=TERMINAL_STATUSES)
+            .update(status=Status.FAILED, error=cause[:2000], finished_at=timezone.now())
+        )
+        if updated:
+            _refresh_case_status(Image.objects.values_list("case_id", flat=True).get(id=image_id))
+    logger.warning("image %s failed: %s", image_id, cause)
+
+
+def image_classify(*, image_id, classifier) -> Prediction | None:
+    """Claim, fetch, classify and record one image. Returns None when there is nothing to
+    do (already done, failed, or being processed by another worker).
+
+    Raises storage.StorageUnavailable for the caller to retry; an image the model's
+    loader cannot decode fails at once with the cause.
+    """
+    from ml.inference import UnreadableImage
+
+    image = image_claim(image_id)
+    if image is None:
+        return None
+    data = storage.get(image.s3_key)
+    started = time.perf_counter()
+    try:
+        [result] = classifier.predict([data])
+    except UnreadableImage as exc:
+        image_fail(image_id, f"the model could not read the image: {exc}")
+        return None
+    inference_ms = (time.perf_counter() - started) * 1000
+    return prediction_record(
+        image_id=image_id, result=result, classifier=classifier, inference_ms=inference_ms
+    )
+
+
+def prediction_record(*, image_id, result, classifier, inference_ms: float) -> Prediction:
+    """Write the prediction and mark the image done, once: a second delivery of the same
+    job finds the existing prediction and returns it."""
+    with transaction.atomic():
+        image = Image.objects.select_for_update().get(id=image_id)
+        existing = Prediction.objects.filter(image_id=image_id).first()
+        if existing is not None:
+            return existing
+        now = timezone.now()
+        prediction = Prediction.objects.create(
+            image=image,
+            label=result.label,
+            probabilities=result.probabilities,
+            model_name=classifier.name,
+            model_version=classifier.version,
+            model_sha256=classifier.sha256,
+            runtime=classifier.runtime,
+            inference_ms=inference_ms,
+            turnaround_ms=(now - image.received_at).total_seconds() * 1000,
+        )
+        Image.objects.filter(id=image_id).update(status=Status.DONE, error="", finished_at=now)
+        _refresh_case_status(image.case_id)
+    return prediction
+
+
+def _refresh_case_status(case_id) -> None:
+    """Derive the case's status from its images. The case row is locked first so two
+    workers finishing the last two images of a case cannot both miss the other's update."""
+    with transaction.atomic():
+        case = Case.objects.select_for_update().only("status").get(id=case_id)
+        counts = dict(
+            Image.objects.filter(case_id=case_id)
+            .values_list("status")
+            .annotate(n=Count("id"))
+            .values_list("status", "n")
+        )
+        total = sum(counts.values())
+        terminal = counts.get(Status.DONE, 0) + counts.get(Status.FAILED, 0)
+        completed_at = None
+        if total and terminal == total:
+            status = Status.DONE if counts.get(Status.DONE) else Status.FAILED
+            completed_at = timezone.now()
+        elif terminal or counts.get(Status.PROCESSING):
+            status = Status.PROCESSING
+        elif counts.get(Status.QUEUED):
+            status = Status.QUEUED
+        else:
+            status = Status.RECEIVED
+        if status != case.status:
+            Case.objects.filter(id=case_id).update(status=status, completed_at=completed_at)
+
+
+def user_create(*, username: str, site: Site, password: str | None = None, is_staff=False):
+    from django.contrib.auth import get_user_model
+
+    from diagnostics.models import SiteMembership
+
+    user = get_user_model().objects.create_user(
+        username=username, password=password, is_staff=is_staff
+    )
+    SiteMembership.objects.create(user=user, site=site)
+    return user
+
+
+def demo_user_ensure(*, username: str, site_name: str, password: str | None = None) -> str:
+    """A site, a staff user in it and its API token, created once; returns the token."""
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+
+    with transaction.atomic():
+        site, _ = Site.objects.get_or_create(name=site_name)
+        user = get_user_model().objects.filter(username=username).first()
+        if user is None:
+            user = user_create(username=username, site=site, password=password, is_staff=True)
+        elif password:
+            user.set_password(password)
+            user.save(update_fields=["password"])
+        token, _ = Token.objects.get_or_create(user=user)
+    return token.key

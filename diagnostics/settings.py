@@ -1,0 +1,137 @@
+"""All configuration comes from the environment (django-environ).
+
+Every setting has a default that works for local development against the services
+`./stack up` starts, except production secrets: with DJANGO_DEBUG=false,
+DJANGO_SECRET_KEY must be set.
+"""
+
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+
+DEBUG = env.bool("DJANGO_DEBUG", default=True)
+SECRET_KEY = (
+    env.str("DJANGO_SECRET_KEY", default="insecure-local-development-key")
+    if DEBUG
+    else env.str("DJANGO_SECRET_KEY")
+)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "diagnostics",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "diagnostics.urls"
+WSGI_APPLICATION = "diagnostics.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": env.db_url("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/diagnostics")
+}
+# Keep connections between requests; health-check them so a restarted database is survived.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = env.path("DJANGO_STATIC_ROOT", default=BASE_DIR / "staticfiles")
+
+REST_FRAMEWORK = {
+    # Token first so an unauthenticated request gets 401 with WWW-Authenticate, not 403.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "EXCEPTION_HANDLER": "diagnostics.api.errors.exception_handler",
+    "DEFAULT_PARSER_CLASSES": [
+        "rest_framework.parsers.MultiPartParser",
+        "rest_framework.parsers.JSONParser",
+    ],
+}
+
+# --- Uploads -------------------------------------------------------------------------
+# A slice larger than this is refused with 413 before anything is stored.
+MAX_IMAGE_BYTES = env.int("MAX_IMAGE_BYTES", default=20 * 1024 * 1024)
+# Decoded size guard against decompression bombs (checked from the header, before decoding).
+MAX_IMAGE_PIXELS = env.int("MAX_IMAGE_PIXELS", default=6000 * 6000)
+MIN_IMAGE_SIDE = env.int("MIN_IMAGE_SIDE", default=32)
+MAX_IMAGES_PER_CASE = env.int("MAX_IMAGES_PER_CASE", default=64)
+DATA_UPLOAD_MAX_NUMBER_FILES = MAX_IMAGES_PER_CASE
+# Files above this spill to a temporary file instead of memory.
+FILE_UPLOAD_MAX_MEMORY_SIZE = env.int("FILE_UPLOAD_MAX_MEMORY_SIZE", default=5 * 1024 * 1024)
+
+# --- Object storage (S3-compatible) ----------------------------------------------------
+S3_ENDPOINT_URL = env.str("S3_ENDPOINT_URL", default="http://127.0.0.1:8333")
+S3_BUCKET = env.str("S3_BUCKET", default="mri-scans")
+S3_ACCESS_KEY_ID = env.str("S3_ACCESS_KEY_ID", default="devkey" if DEBUG else environ.Env.NOTSET)
+S3_SECRET_ACCESS_KEY = env.str(
+    "S3_SECRET_ACCESS_KEY", default="devsecret" if DEBUG else environ.Env.NOTSET
+)
+S3_REGION = env.str("S3_REGION", default="us-east-1")
+
+# --- Jobs (Celery on Redis) ------------------------------------------------------------
+REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
+# Hard limit for one classification; the broker's visibility timeout must stay above it so
+# a slow job is not handed to a second worker while the first still runs.
+CLASSIFY_TIME_LIMIT_S = env.int("CLASSIFY_TIME_LIMIT_S", default=120)
+CELERY_VISIBILITY_TIMEOUT_S = env.int("CELERY_VISIBILITY_TIMEOUT_S", default=600)
+CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=1)
+# How often a transient failure (S3 or database unreachable) is retried before the image fails.
+CLASSIFY_MAX_RETRIES = env.int("CLASSIFY_MAX_RETRIES", default=5)
+
+# --- Model -----------------------------------------------------------------------------
+# Empty means the artifact shipped in ml/ (ml.inference.default_model_dir()).
+MODEL_DIR = env.str("MODEL_DIR", default="")
+MODEL_RUNTIME = env.str("MODEL_RUNTIME", default="auto")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+}

@@ -1,0 +1,87 @@
+"""Validate an uploaded slice by decoding it with Pillow; the file name and the declared
+content type are never trusted."""
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from io import BytesIO
+
+from django.conf import settings
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
+
+from diagnostics.errors import InvalidUpload, UploadTooLarge
+
+# Formats the model's loader decodes the same way as here.
+ACCEPTED_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP"}
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    data: bytes
+    sha256: str
+    content_type: str
+    width: int
+    height: int
+    original_name: str
+
+
+def check_image(data: bytes, original_name: str) -> CheckedImage:
+    label = f"'{original_name}'" if original_name else "the file"
+    if not data:
+        raise InvalidUpload(f"{label} is empty")
+    if len(data) > settings.MAX_IMAGE_BYTES:
+        raise UploadTooLarge(
+            f"{label} is {len(data)} bytes; the limit is {settings.MAX_IMAGE_BYTES} bytes"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            with PILImage.open(BytesIO(data)) as image:
+                image_format = image.format
+                width, height = image.size
+                if image_format not in ACCEPTED_FORMATS:
+                    raise InvalidUpload(
+                        f"{label} is {image_format}; accepted formats are "
+                        f"{', '.join(sorted(ACCEPTED_FORMATS))}"
+                    )
+                if width * height > settings.MAX_IMAGE_PIXELS:
+                    raise UploadTooLarge(
+                        f"{label} is {width}x{height} pixels; the limit is "
+                        f"{settings.MAX_IMAGE_PIXELS} pixels"
+                    )
+                if min(width, height) < settings.MIN_IMAGE_SIDE:
+                    raise InvalidUpload(
+                        f"{label} is {width}x{height} pixels; each side must be at least "
+                        f"{settings.MIN_IMAGE_SIDE}"
+                    )
+                if getattr(image, "n_frames", 1) > 1:
+                    raise InvalidUpload(f"{label} has several frames; upload one slice per file")
+                # Decode every pixel: a truncated or corrupt file fails here, not in the worker.
+                image.load()
+    except (UploadTooLarge, InvalidUpload):
+        raise
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+        raise UploadTooLarge(f"{label} is too large to decode: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidUpload(f"{label} is not a readable image") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidUpload(f"{label} could not be decoded: {exc}") from exc
+    return CheckedImage(
+        data=data,
+        sha256=hashlib.sha256(data).hexdigest(),
+        content_type=PILImage.MIME[image_format],
+        width=width,
+        height=height,
+        original_name=original_name,
+    )
+
+
+def read_upload(upload) -> tuple[str, bytes]:
+    """(name, bytes) of an uploaded file, refusing an oversized one before reading it."""
+    name = upload.name or ""
+    if upload.size > settings.MAX_IMAGE_BYTES:
+        raise UploadTooLarge(
+            f"'{name}' is {upload.size} bytes; the limit is {settings.MAX_IMAGE_BYTES} bytes"
+        )
+    return name, upload.read()

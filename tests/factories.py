@@ -1,0 +1,71 @@
+import hashlib
+import uuid
+
+import factory
+from django.contrib.auth import get_user_model
+from rest_framework.authtoken.models import Token
+
+from diagnostics.models import Case, Image, Prediction, Site, SiteMembership, Status
+
+
+class SiteFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Site
+
+    name = factory.Sequence(lambda n: f"Hospital {n}")
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+        skip_postgeneration_save = True
+
+    username = factory.Sequence(lambda n: f"user{n}")
+
+    @factory.post_generation
+    def site(user, create, extracted, **kwargs):
+        if create:
+            SiteMembership.objects.create(user=user, site=extracted or SiteFactory())
+
+
+def token_for(user) -> str:
+    return Token.objects.get_or_create(user=user)[0].key
+
+
+class CaseFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Case
+
+    uploaded_by = factory.SubFactory(UserFactory)
+    site = factory.LazyAttribute(lambda case: case.uploaded_by.site_membership.site)
+
+
+class ImageFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Image
+
+    id = factory.LazyFunction(uuid.uuid4)
+    case = factory.SubFactory(CaseFactory)
+    position = factory.Sequence(lambda n: n)
+    s3_key = factory.LazyAttribute(lambda image: f"scans/{image.case.id}/{image.id}")
+    sha256 = factory.Sequence(lambda n: hashlib.sha256(str(n).encode()).hexdigest())
+    size_bytes = 1000
+    content_type = "image/jpeg"
+    width = 64
+    height = 64
+    status = Status.QUEUED
+
+
+class PredictionFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Prediction
+
+    image = factory.SubFactory(ImageFactory, status=Status.DONE)
+    label = "glioma"
+    probabilities = {"glioma": 0.7, "meningioma": 0.1, "no_tumor": 0.1, "pituitary": 0.1}
+    model_name = "tiny-test"
+    model_version = "0"
+    model_sha256 = "0" * 64
+    runtime = "keras"
+    inference_ms = 5.0
+    turnaround_ms = 50.0

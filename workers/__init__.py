@@ -1,0 +1,5 @@
+"""The Celery app: `celery -A workers worker` runs on GPU or CPU nodes."""
+
+from workers.app import app
+
+__all__ = ["app"]

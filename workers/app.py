@@ -1,0 +1,30 @@
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "diagnostics.settings")
+
+from django.conf import settings  # noqa: E402  (needs DJANGO_SETTINGS_MODULE first)
+
+app = Celery("workers", include=["workers.tasks"])
+app.conf.update(
+    broker_url=settings.CELERY_BROKER_URL,
+    # No result backend: results are written to PostgreSQL by the task itself.
+    task_ignore_result=True,
+    task_serializer="json",
+    accept_content=["json"],
+    # A job is acknowledged only when it finished, and re-queued if its worker dies, so a
+    # crash never loses an image; services make the second delivery harmless.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    # Inference is long and CPU-bound: take one job at a time so waiting jobs stay
+    # available to idle workers.
+    worker_prefetch_multiplier=1,
+    worker_concurrency=settings.CELERY_WORKER_CONCURRENCY,
+    # Above the longest job, or Redis would hand a running job to a second worker.
+    broker_transport_options={"visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT_S},
+    broker_connection_retry_on_startup=True,
+    task_time_limit=settings.CLASSIFY_TIME_LIMIT_S,
+    task_soft_time_limit=max(settings.CLASSIFY_TIME_LIMIT_S - 10, 1),
+    worker_hijack_root_logger=False,
+)

@@ -1,0 +1,53 @@
+"""Thin tasks: they take ids, call services, and decide only about retries."""
+
+import functools
+import logging
+
+import django
+
+django.setup()
+
+from celery.signals import worker_process_init  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.db import DatabaseError  # noqa: E402
+
+from diagnostics import services  # noqa: E402
+from diagnostics.storage import StorageUnavailable  # noqa: E402
+from workers.app import app  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+# Errors that go away by themselves: the object store or the database being unreachable.
+TRANSIENT_ERRORS = (StorageUnavailable, DatabaseError)
+
+
+@functools.cache
+def classifier():
+    """The model, loaded once per worker process."""
+    from ml.inference import load_classifier
+
+    model = load_classifier(settings.MODEL_DIR or None, runtime=settings.MODEL_RUNTIME)
+    logger.info("loaded model %s %s (%s)", model.name, model.version, model.runtime)
+    return model
+
+
+@worker_process_init.connect
+def _load_model_before_taking_jobs(**_):
+    classifier()
+
+
+@app.task(bind=True, max_retries=settings.CLASSIFY_MAX_RETRIES)
+def classify_image(self, image_id: str):
+    try:
+        services.image_classify(image_id=image_id, classifier=classifier())
+    except TRANSIENT_ERRORS as exc:
+        if self.request.retries >= self.max_retries:
+            services.image_fail(image_id, f"gave up after {self.request.retries + 1} tries: {exc}")
+            return
+        services.image_release(image_id)
+        # Exponential backoff: 2, 4, 8, ... seconds, capped at a minute.
+        raise self.retry(exc=exc, countdown=min(2 ** (self.request.retries + 1), 60))
+    except Exception as exc:
+        # A crash inside the model on this input: fail the image with its cause, keep serving.
+        logger.exception("classifying image %s failed", image_id)
+        services.image_fail(image_id, f"classification error: {type(exc).__name__}: {exc}")
