@@ -68,7 +68,7 @@ def case_create(*, user, uploads: list[tuple[str, bytes]], reference: str = "") 
 
     stored_keys: list[str] = []
     try:
-        for image, item in zip(images, checked):
+        for image, item in zip(images, checked, strict=True):
             storage.put(image.s3_key, item.data, content_type=item.content_type, sha256=item.sha256)
             stored_keys.append(image.s3_key)
         with transaction.atomic():

@@ -21,8 +21,9 @@ def s3_bucket(django_db_blocker):
 
 @pytest.fixture
 def s3_keys(s3_bucket):
-    """The keys stored in the test bucket."""
-    return lambda: storage.list_keys()
+    """The keys this test added to the bucket."""
+    before = set(storage.list_keys())
+    return lambda: sorted(set(storage.list_keys()) - before)
 
 
 @pytest.fixture

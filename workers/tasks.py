@@ -46,7 +46,7 @@ def classify_image(self, image_id: str):
             return
         services.image_release(image_id)
         # Exponential backoff: 2, 4, 8, ... seconds, capped at a minute.
-        raise self.retry(exc=exc, countdown=min(2 ** (self.request.retries + 1), 60))
+        raise self.retry(exc=exc, countdown=min(2 ** (self.request.retries + 1), 60)) from exc
     except Exception as exc:
         # A crash inside the model on this input: fail the image with its cause, keep serving.
         logger.exception("classifying image %s failed", image_id)

@@ -27,7 +27,9 @@ class CaseListCreateApi(APIView):
         )
         case = selectors.case_get(user=request.user, case_id=case.id)
         body = CaseOutput(case, context={"request": request}).data
-        return Response(body, status=status.HTTP_202_ACCEPTED, headers={"Location": body["url"]})
+        return Response(
+            body, status=status.HTTP_202_ACCEPTED, headers={"Location": str(body["url"])}
+        )
 
     def get(self, request):
         filters = CaseListFilter(data=request.query_params)
