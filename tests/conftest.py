@@ -52,7 +52,6 @@ def broker():
 def tiny_model_dir(tmp_path_factory):
     """A real (tiny, untrained) Keras classifier exported the way the shipped one is."""
     from ml.export import export_artifact
-
     from ml.model import build_model
 
     out = tmp_path_factory.mktemp("model") / "tiny-test-0"
