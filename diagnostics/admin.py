@@ -1,9 +1,10 @@
 """The radiologists' view of cases. Read-only here: every change goes through services."""
 
 from django.contrib import admin
+from django.db.models import Count
 
 from diagnostics import selectors
-from diagnostics.models import Case, Image, Prediction, Site, SiteMembership
+from diagnostics.models import Case, Image, Site, SiteMembership
 
 
 @admin.register(Site)
@@ -20,6 +21,15 @@ class SiteMembershipAdmin(admin.ModelAdmin):
 
 
 class ReadOnlyAdminMixin:
+    """Staff read; nobody edits here. Until review roles exist, every staff member of a
+    site may read its cases (the queryset keeps them to their own site)."""
+
+    def has_module_permission(self, request):
+        return request.user.is_active and request.user.is_staff
+
+    def has_view_permission(self, request, obj=None):
+        return request.user.is_active and request.user.is_staff
+
     def has_add_permission(self, request, obj=None):
         return False
 
@@ -73,21 +83,9 @@ class CaseAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_select_related = ["site"]
     inlines = [ImageInline]
 
-    def has_view_permission(self, request, obj=None):
-        return request.user.is_active and request.user.is_staff
-
     def get_queryset(self, request):
-        from django.db.models import Count
-
         return selectors.cases_visible_to(request.user).annotate(image_count=Count("images"))
 
     @admin.display(ordering="image_count", description="images")
     def image_count(self, case):
         return case.image_count
-
-
-@admin.register(Prediction)
-class PredictionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["image", "label", "model_name", "model_version", "runtime", "created_at"]
-    list_filter = ["label", "model_version"]
-    list_select_related = ["image"]
