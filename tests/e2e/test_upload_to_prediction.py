@@ -44,3 +44,36 @@ def test_uploaded_slices_are_classified_by_a_real_worker(live_server, start_work
         assert prediction["model"]["name"] == "tiny-test"
         assert prediction["model"]["version"] == "0"
     assert Prediction.objects.count() == Image.objects.count() == 2
+
+
+def test_a_job_delivered_twice_writes_one_prediction(live_server, start_worker, broker):
+    from diagnostics import jobs
+
+    headers = {"Authorization": f"Token {token_for(UserFactory())}"}
+    start_worker("--concurrency=1")
+
+    def upload_and_wait(seed):
+        response = requests.post(
+            f"{live_server.url}/api/v1/cases/",
+            files=[("images", ("a.jpg", image_bytes(seed=seed), "image/jpeg"))],
+            headers=headers,
+            timeout=30,
+        )
+        poll_url = response.headers["Location"]
+        return wait_for(
+            lambda: (
+                (case := requests.get(poll_url, headers=headers, timeout=10).json())["status"]
+                == "done"
+                and case
+            ),
+            timeout=120,
+        )
+
+    first = upload_and_wait(seed=1)
+    image_id = first["images"][0]["id"]
+    jobs.send_classify(image_id)  # the same job again, as a broker redelivery would
+    upload_and_wait(seed=2)  # one worker, one job at a time: the duplicate ran before this
+
+    assert Prediction.objects.filter(image_id=image_id).count() == 1
+    # The duplicate found the image done and did not even claim it.
+    assert Image.objects.get(id=image_id).attempts == 1
