@@ -1,9 +1,10 @@
-"""Command line: `python -m devstack up`."""
+"""Command line: `python -m devstack up` and `python -m devstack test [pytest args]`."""
 
 import argparse
 import sys
 from pathlib import Path
 
+from devstack.testrun import run_tests
 from devstack.up import DEFAULT_DATA_DIR, DEFAULT_PORT, up
 
 
@@ -28,6 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     up_parser.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help="API port (default: %(default)s)"
     )
+    commands.add_parser(
+        "test",
+        help="run pytest (all arguments pass through) against real services",
+        description=(
+            "Start PostgreSQL, Redis and S3, in a throwaway folder, for each of DATABASE_URL, "
+            "REDIS_URL and S3_ENDPOINT_URL not set in the environment, then run pytest with "
+            "the given arguments."
+        ),
+        add_help=False,
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    # pytest's own options (-k, -x, ...) must reach pytest untouched, so they skip argparse.
+    if argv[:1] == ["test"]:
+        return run_tests(argv[1:])
     args = parser.parse_args(argv)
     return up(data_dir=args.data_dir, port=args.port)
 

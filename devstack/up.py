@@ -39,7 +39,7 @@ def up(data_dir: Path, port: int) -> int:
         signal.signal(stop_signal, _raise_keyboard_interrupt)
     try:
         with contextlib.ExitStack() as running:
-            env = _start_missing_services(data_dir, running)
+            env = start_missing_services(data_dir, running)
             token = _prepare_database_and_storage(env)
             web = running.enter_context(
                 _supervised("web", _web_command(port), env, signal.SIGTERM, WEB_STOP_TIMEOUT_S)
@@ -62,7 +62,7 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _start_missing_services(data_dir: Path, running: contextlib.ExitStack) -> dict[str, str]:
+def start_missing_services(data_dir: Path, running: contextlib.ExitStack) -> dict[str, str]:
     """Environment for the children: given URLs are kept, missing ones point at embedded servers."""
     env = dict(os.environ)
     if "DATABASE_URL" not in env:
