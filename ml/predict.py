@@ -1,0 +1,59 @@
+"""Classify image files with an exported model.
+
+    python -m ml.predict scan1.jpg scan2.png [--model ARTIFACT] [--runtime auto] [--json OUT]
+
+Prints one line per file (label and probabilities); unreadable files are reported and
+make the exit status 1. --json writes every result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ml.data import progress, write_json
+from ml.inference import UnreadableImage, load_classifier
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--model", help="artifact folder (default: the shipped model)")
+    parser.add_argument("--runtime", default="auto", choices=("auto", "litert", "keras"))
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    classifier = load_classifier(args.model, runtime=args.runtime)
+    print(
+        f"model {classifier.name} {classifier.version} ({classifier.runtime}, "
+        f"sha256 {classifier.sha256[:12]})",
+        file=sys.stderr,
+    )
+    results = []
+    failed = 0
+    for path in progress(args.images, len(args.images), "classifying"):
+        try:
+            [prediction] = classifier.predict([Path(path).read_bytes()])
+        except (UnreadableImage, OSError) as error:
+            failed += 1
+            print(f"{path}\tERROR\t{error}", flush=True)
+            results.append({"path": path, "error": str(error)})
+            continue
+        scores = " ".join(f"{name}={p:.4f}" for name, p in prediction.probabilities.items())
+        print(f"{path}\t{prediction.label}\t{scores}", flush=True)
+        results.append(
+            {"path": path, "label": prediction.label, "probabilities": prediction.probabilities}
+        )
+    if args.json:
+        model = {
+            "name": classifier.name,
+            "version": classifier.version,
+            "sha256": classifier.sha256,
+        }
+        write_json(args.json, {"model": model, "results": results})
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
