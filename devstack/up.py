@@ -35,7 +35,8 @@ def up(data_dir: Path, port: int) -> int:
         print(f"Port {port} on 127.0.0.1 is in use; pass --port.", file=sys.stderr)
         return 2
     # SIGTERM (docker, systemd, kill) and SIGHUP (terminal closed) stop the stack like Ctrl-C.
-    for stop_signal in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too, explicitly: a shell that starts us in the background leaves it ignored.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop_signal, _raise_keyboard_interrupt)
     try:
         with contextlib.ExitStack() as running:
@@ -65,6 +66,8 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 def start_missing_services(data_dir: Path, running: contextlib.ExitStack) -> dict[str, str]:
     """Environment for the children: given URLs are kept, missing ones point at embedded servers."""
     env = dict(os.environ)
+    # Runs after the services it precedes have stopped.
+    running.callback(print, "embedded services stopped", file=sys.stderr)
     if "DATABASE_URL" not in env:
         env["DATABASE_URL"] = _start_embedded(
             running, services.start_postgres, data_dir / "postgres"
