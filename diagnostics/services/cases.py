@@ -1,4 +1,4 @@
-"""Every write to the domain happens here; the API, the admin and the workers call these."""
+"""Uploads and classification: cases, their images and predictions."""
 
 import logging
 import time

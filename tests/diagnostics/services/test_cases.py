@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 from django.utils import timezone
 
-from diagnostics import services, storage
+from diagnostics import jobs, services, storage
 from diagnostics.errors import InvalidUpload, ServiceUnavailable
 from diagnostics.models import Case, Image, Prediction, Status
 from tests.factories import CaseFactory, ImageFactory, UserFactory
@@ -68,7 +68,7 @@ def test_enqueue_leaves_images_received_when_the_broker_is_down(monkeypatch):
     def broker_down(image_id):
         raise ConnectionError("redis unreachable")
 
-    monkeypatch.setattr(services.jobs, "send_classify", broker_down)
+    monkeypatch.setattr(jobs, "send_classify", broker_down)
     assert services.enqueue_images([image.id]) == 0
     image.refresh_from_db()
     assert image.status == Status.RECEIVED
