@@ -8,6 +8,7 @@ DJANGO_SECRET_KEY must be set.
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -122,6 +123,19 @@ CELERY_VISIBILITY_TIMEOUT_S = env.int("CELERY_VISIBILITY_TIMEOUT_S", default=600
 CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=1)
 # How often a transient failure (S3 or database unreachable) is retried before the image fails.
 CLASSIFY_MAX_RETRIES = env.int("CLASSIFY_MAX_RETRIES", default=5)
+# How many times a worker may start on one image before it fails: bounds an input that
+# crashes the model or kills the worker.
+CLASSIFY_MAX_ATTEMPTS = env.int("CLASSIFY_MAX_ATTEMPTS", default=3)
+if CELERY_VISIBILITY_TIMEOUT_S <= CLASSIFY_TIME_LIMIT_S + 5:
+    raise ImproperlyConfigured(
+        "CELERY_VISIBILITY_TIMEOUT_S must exceed CLASSIFY_TIME_LIMIT_S + 5, or Redis hands "
+        "a running job to a second worker"
+    )
+# The sweeper (`celery -A workers beat`) re-sends jobs that PostgreSQL says should exist.
+SWEEP_INTERVAL_S = env.int("SWEEP_INTERVAL_S", default=30)
+SWEEP_RECEIVED_AFTER_S = env.int("SWEEP_RECEIVED_AFTER_S", default=30)
+SWEEP_QUEUED_AFTER_S = env.int("SWEEP_QUEUED_AFTER_S", default=300)
+SWEEP_BATCH = env.int("SWEEP_BATCH", default=5000)
 
 # --- Model -----------------------------------------------------------------------------
 # Empty means the artifact shipped in ml/ (ml.inference.default_model_dir()).

@@ -27,4 +27,11 @@ app.conf.update(
     task_time_limit=settings.CLASSIFY_TIME_LIMIT_S,
     task_soft_time_limit=max(settings.CLASSIFY_TIME_LIMIT_S - 10, 1),
     worker_hijack_root_logger=False,
+    # The sweeper: `celery -A workers beat` (one per deployment) runs it on this schedule.
+    beat_schedule={
+        "resend-stuck-images": {
+            "task": "workers.tasks.resend_stuck_images",
+            "schedule": settings.SWEEP_INTERVAL_S,
+        }
+    },
 )

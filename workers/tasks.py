@@ -36,18 +36,33 @@ def _load_model_before_taking_jobs(**_):
     classifier()
 
 
+def _backoff_s(retries: int) -> int:
+    # 2, 4, 8, ... seconds, capped at a minute.
+    return min(2 ** (retries + 1), 60)
+
+
 @app.task(bind=True, max_retries=settings.CLASSIFY_MAX_RETRIES)
 def classify_image(self, image_id: str):
     try:
         services.image_classify(image_id=image_id, classifier=classifier())
+    except services.ImageBusy as busy:
+        # Another worker holds a fresh claim (or died holding it): look again when it lapses.
+        raise self.retry(countdown=busy.retry_in_s, max_retries=None) from busy
     except TRANSIENT_ERRORS as exc:
         if self.request.retries >= self.max_retries:
             services.image_fail(image_id, f"gave up after {self.request.retries + 1} tries: {exc}")
             return
         services.image_release(image_id)
-        # Exponential backoff: 2, 4, 8, ... seconds, capped at a minute.
-        raise self.retry(exc=exc, countdown=min(2 ** (self.request.retries + 1), 60)) from exc
+        raise self.retry(exc=exc, countdown=_backoff_s(self.request.retries)) from exc
     except Exception as exc:
-        # A crash inside the model on this input: fail the image with its cause, keep serving.
+        # The model raised on this input: try again a bounded number of times, then fail
+        # the image with the cause; the worker keeps serving other images.
         logger.exception("classifying image %s failed", image_id)
-        services.image_fail(image_id, f"classification error: {type(exc).__name__}: {exc}")
+        cause = f"classification error: {type(exc).__name__}: {exc}"
+        if services.image_attempt_failed(image_id, cause):
+            raise self.retry(countdown=_backoff_s(self.request.retries), max_retries=None) from exc
+
+
+@app.task
+def resend_stuck_images():
+    return services.images_resend_stuck()

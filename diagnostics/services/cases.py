@@ -3,11 +3,13 @@
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
 from django.db import DatabaseError, transaction
-from django.db.models import Count, F, Q
+from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from diagnostics import jobs, storage
@@ -16,6 +18,9 @@ from diagnostics.models import TERMINAL_STATUSES, Case, Image, Prediction, Site,
 from diagnostics.uploads import check_image
 
 logger = logging.getLogger(__name__)
+
+# Slack between Celery's hard time limit and treating a claim as abandoned.
+CLAIM_MARGIN_S = 5
 
 
 class NoSite(InvalidUpload):
@@ -123,30 +128,123 @@ def enqueue_images(image_ids) -> int:
     return len(sent)
 
 
-def image_claim(image_id) -> Image | None:
-    """Move an image to `processing` for this worker; None if it is not ours to process.
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of a worker asking for an image: `image` when it is now this worker's;
+    `retry_in_s` when another worker's claim is still fresh (look again after that);
+    neither when there is nothing left to do (done, failed, gone)."""
 
-    A claim older than the job's hard time limit belongs to a worker that died (the
-    broker redelivers its job), so it may be taken over.
+    image: Image | None = None
+    retry_in_s: float | None = None
+
+
+def _lease() -> timedelta:
+    # Celery kills a job at its hard time limit, so an older claim has no live worker.
+    return timedelta(seconds=settings.CLASSIFY_TIME_LIMIT_S + CLAIM_MARGIN_S)
+
+
+def image_claim(image_id) -> Claim:
+    """Move an image to `processing` for this worker.
+
+    A claim older than the lease was left by a worker that died (its job comes back from
+    the broker or the sweeper); it is taken over, unless the image has used up its
+    attempts, which is how an input that kills the worker ends up failed with a cause.
+    Times come from the database clock, shared by every worker.
     """
-    now = timezone.now()
-    abandoned_before = now - timedelta(seconds=settings.CLASSIFY_TIME_LIMIT_S + 30)
-    claimable = Q(status__in=[Status.RECEIVED, Status.QUEUED]) | Q(
-        status=Status.PROCESSING, processing_started_at__lt=abandoned_before
+    abandoned = Q(
+        status=Status.PROCESSING,
+        processing_started_at__lt=ExpressionWrapper(Now() - _lease(), output_field=DateTimeField()),
     )
-    claimed = Image.objects.filter(claimable, id=image_id).update(
-        status=Status.PROCESSING, processing_started_at=now, attempts=F("attempts") + 1
-    )
-    if not claimed:
-        return None
-    image = Image.objects.get(id=image_id)
-    _refresh_case_status(image.case_id)
-    return image
+    with transaction.atomic():
+        worn_out = Image.objects.filter(
+            abandoned, id=image_id, attempts__gte=settings.CLASSIFY_MAX_ATTEMPTS
+        ).update(
+            status=Status.FAILED,
+            finished_at=Now(),
+            error=f"a worker stopped while classifying this image "
+            f"{settings.CLASSIFY_MAX_ATTEMPTS} times; the image may crash the model",
+        )
+        claimed = 0
+        if not worn_out:
+            claimed = Image.objects.filter(
+                Q(status__in=[Status.RECEIVED, Status.QUEUED]) | abandoned, id=image_id
+            ).update(
+                status=Status.PROCESSING, processing_started_at=Now(), attempts=F("attempts") + 1
+            )
+        image = Image.objects.filter(id=image_id).first()
+        if image is None:
+            return Claim()
+        if worn_out or claimed:
+            _refresh_case_status(image.case_id)
+        if claimed:
+            return Claim(image=image)
+        if image.status == Status.PROCESSING:
+            expires = image.processing_started_at + _lease()
+            return Claim(retry_in_s=max((expires - timezone.now()).total_seconds(), 1.0))
+        return Claim()
 
 
 def image_release(image_id) -> None:
     """Give a claimed image back to the queue (its job will be retried)."""
     Image.objects.filter(id=image_id, status=Status.PROCESSING).update(status=Status.QUEUED)
+
+
+def image_attempt_failed(image_id, cause: str) -> bool:
+    """The model raised on this image. Release it for another try (True), or fail it with
+    the cause once it has used its attempts (False)."""
+    with transaction.atomic():
+        failed = Image.objects.filter(
+            id=image_id, status=Status.PROCESSING, attempts__gte=settings.CLASSIFY_MAX_ATTEMPTS
+        ).update(
+            status=Status.FAILED,
+            finished_at=Now(),
+            error=f"{cause[:1900]} (after {settings.CLASSIFY_MAX_ATTEMPTS} attempts)",
+        )
+        if failed:
+            _refresh_case_status(Image.objects.values_list("case_id", flat=True).get(id=image_id))
+            return False
+    image_release(image_id)
+    return True
+
+
+def images_resend_stuck() -> int:
+    """Re-send the job of every image that should have moved on by now.
+
+    PostgreSQL is the source of truth: a job lost with the broker's state (Redis restarted
+    empty, a send that failed) is sent again. Received images whose job was never sent,
+    queued ones waiting longer than expected, and claims past their lease are re-sent;
+    a duplicate job is harmless because claims are guarded.
+    """
+    now = timezone.now()
+    received = list(
+        Image.objects.filter(
+            status=Status.RECEIVED,
+            received_at__lt=now - timedelta(seconds=settings.SWEEP_RECEIVED_AFTER_S),
+        ).values_list("id", flat=True)[: settings.SWEEP_BATCH]
+    )
+    waiting = list(
+        Image.objects.filter(
+            Q(
+                status=Status.QUEUED,
+                queued_at__lt=now - timedelta(seconds=settings.SWEEP_QUEUED_AFTER_S),
+            )
+            | Q(status=Status.PROCESSING, processing_started_at__lt=now - _lease())
+        ).values_list("id", flat=True)[: settings.SWEEP_BATCH]
+    )
+    sent = enqueue_images(received) if received else 0
+    resent = []
+    for image_id in waiting:
+        try:
+            jobs.send_classify(image_id)
+        except Exception:
+            logger.exception("the sweeper could not re-send image %s", image_id)
+            break
+        resent.append(image_id)
+    # Restart the wait, so the next sweep does not send the same job again.
+    Image.objects.filter(id__in=resent, status=Status.QUEUED).update(queued_at=now)
+    if sent or resent:
+        logger.info("sweeper re-sent %d received and %d stalled images", sent, len(resent))
+    return sent + len(resent)
 
 
 def image_fail(image_id, cause: str) -> None:
@@ -161,19 +259,30 @@ def image_fail(image_id, cause: str) -> None:
     logger.warning("image %s failed: %s", image_id, cause)
 
 
+class ImageBusy(Exception):
+    """Another worker's claim on the image is fresh; look again after `retry_in_s`."""
+
+    def __init__(self, retry_in_s: float):
+        super().__init__(f"claimed by another worker; look again in {retry_in_s:.0f} s")
+        self.retry_in_s = retry_in_s
+
+
 def image_classify(*, image_id, classifier) -> Prediction | None:
     """Claim, fetch, classify and record one image. Returns None when there is nothing to
     do (already done, failed, or being processed by another worker).
 
-    Raises storage.StorageUnavailable for the caller to retry; an image the model's
-    loader cannot decode fails at once with the cause.
+    Raises storage.StorageUnavailable for the caller to retry, and ImageBusy when another
+    worker holds a fresh claim; an image the model's loader cannot decode fails at once
+    with the cause.
     """
     from ml.inference import UnreadableImage
 
-    image = image_claim(image_id)
-    if image is None:
+    claim = image_claim(image_id)
+    if claim.retry_in_s is not None:
+        raise ImageBusy(claim.retry_in_s)
+    if claim.image is None:
         return None
-    data = storage.get(image.s3_key)
+    data = storage.get(claim.image.s3_key)
     started = time.perf_counter()
     try:
         [result] = classifier.predict([data])

@@ -63,12 +63,17 @@ class CrashingModel:
         raise RuntimeError("kernel exploded")
 
 
-def test_a_model_crash_fails_the_image_with_its_cause(uploaded_image, use_classifier):
+def test_a_model_crash_is_retried_then_fails_the_image_with_its_cause(
+    uploaded_image, use_classifier, settings
+):
     use_classifier(CrashingModel())
 
     tasks.classify_image.apply(args=[str(uploaded_image.id)])
 
     uploaded_image.refresh_from_db()
     assert uploaded_image.status == Status.FAILED
-    assert uploaded_image.error == "classification error: RuntimeError: kernel exploded"
+    assert uploaded_image.attempts == settings.CLASSIFY_MAX_ATTEMPTS
+    assert uploaded_image.error == (
+        "classification error: RuntimeError: kernel exploded (after 3 attempts)"
+    )
     assert uploaded_image.case.status == Status.FAILED

@@ -1,7 +1,9 @@
+import json
 from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from diagnostics import jobs, services, storage
@@ -80,22 +82,78 @@ def test_claim_is_guarded_so_only_one_worker_processes_an_image():
     first = services.image_claim(image.id)
     second = services.image_claim(image.id)
 
-    assert first is not None and first.status == Status.PROCESSING and first.attempts == 1
-    assert second is None
+    assert first.image.status == Status.PROCESSING and first.image.attempts == 1
+    assert second.image is None
+    # The second worker is told to look again when the first claim's lease runs out.
+    assert 0 < second.retry_in_s <= settings.CLASSIFY_TIME_LIMIT_S + services.cases.CLAIM_MARGIN_S
 
 
-def test_a_claim_abandoned_by_a_dead_worker_can_be_taken_over(settings):
-    stale = timezone.now() - timedelta(seconds=settings.CLASSIFY_TIME_LIMIT_S + 31)
-    image = ImageFactory(status=Status.PROCESSING, processing_started_at=stale, attempts=1)
+def _abandoned_claim(attempts):
+    stale = timezone.now() - timedelta(seconds=settings.CLASSIFY_TIME_LIMIT_S + 10)
+    return ImageFactory(status=Status.PROCESSING, processing_started_at=stale, attempts=attempts)
 
-    claimed = services.image_claim(image.id)
 
-    assert claimed is not None and claimed.attempts == 2
+def test_a_claim_abandoned_by_a_dead_worker_is_taken_over():
+    claim = services.image_claim(_abandoned_claim(attempts=1).id)
+    assert claim.image.attempts == 2
+
+
+def test_an_image_that_keeps_killing_workers_fails_with_the_cause():
+    image = _abandoned_claim(attempts=settings.CLASSIFY_MAX_ATTEMPTS)
+
+    claim = services.image_claim(image.id)
+
+    assert claim == services.Claim()
+    image.refresh_from_db()
+    assert image.status == Status.FAILED
+    assert image.error == (
+        "a worker stopped while classifying this image 3 times; the image may crash the model"
+    )
+    assert image.case.status == Status.FAILED
 
 
 @pytest.mark.parametrize("status", [Status.DONE, Status.FAILED])
 def test_finished_images_are_never_claimed_again(status):
-    assert services.image_claim(ImageFactory(status=status).id) is None
+    assert services.image_claim(ImageFactory(status=status).id) == services.Claim()
+
+
+def test_a_model_error_releases_the_image_until_its_attempts_are_used():
+    image = ImageFactory(status=Status.QUEUED)
+    services.image_claim(image.id)
+
+    assert services.image_attempt_failed(image.id, "classification error: boom") is True
+    image.refresh_from_db()
+    assert image.status == Status.QUEUED
+
+    Image.objects.filter(id=image.id).update(attempts=settings.CLASSIFY_MAX_ATTEMPTS)
+    services.image_claim(image.id)
+    assert services.image_attempt_failed(image.id, "classification error: boom") is False
+    image.refresh_from_db()
+    assert image.status == Status.FAILED
+    assert image.error == "classification error: boom (after 3 attempts)"
+
+
+def test_the_sweeper_resends_what_postgres_says_is_stuck(broker):
+    old = timezone.now() - timedelta(hours=1)
+    never_sent = ImageFactory(status=Status.RECEIVED)
+    Image.objects.filter(id=never_sent.id).update(received_at=old)
+    lost_in_redis = ImageFactory(status=Status.QUEUED, queued_at=old)
+    abandoned = _abandoned_claim(attempts=1)
+    ImageFactory(status=Status.QUEUED, queued_at=timezone.now())  # waiting normally
+    ImageFactory(status=Status.DONE)
+
+    assert services.images_resend_stuck() == 3
+
+    sent = {
+        json.loads(message)["headers"]["argsrepr"] for message in broker.lrange("celery", 0, -1)
+    }
+    assert sent == {f"['{image.id}']" for image in (never_sent, lost_in_redis, abandoned)}
+    never_sent.refresh_from_db()
+    lost_in_redis.refresh_from_db()
+    assert never_sent.status == Status.QUEUED
+    assert lost_in_redis.queued_at > old
+    # Nothing is sent twice by the next sweep.
+    assert services.images_resend_stuck() == 1  # only the abandoned claim, until a worker takes it
 
 
 def _classifier():
