@@ -22,3 +22,21 @@ class UploadTooLarge(DomainError):
 class ServiceUnavailable(DomainError):
     status_code = 503
     code = "unavailable"
+
+
+class Forbidden(DomainError):
+    status_code = 403
+    code = "forbidden"
+
+
+class NotFound(DomainError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(DomainError):
+    """Someone else changed the row since the client read it (optimistic locking), or the
+    row is in a state that does not allow the operation."""
+
+    status_code = 409
+    code = "conflict"

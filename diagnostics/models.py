@@ -7,7 +7,11 @@ guarded updates (`filter(status=...).update(...)`), never in `save()` or signals
 import uuid
 
 from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models
+from django.db.models import F, Func
+from django.db.models.functions import Cast
+from django.utils import timezone
 
 
 class Site(models.Model):
@@ -41,6 +45,31 @@ class Status(models.TextChoices):
 TERMINAL_STATUSES = (Status.DONE, Status.FAILED)
 
 
+class Label(models.TextChoices):
+    """What a slice can be read as; the classifier's classes (ml.config.CLASS_NAMES)."""
+
+    GLIOMA = "glioma"
+    MENINGIOMA = "meningioma"
+    NO_TUMOR = "no_tumor", "no tumour"
+    PITUITARY = "pituitary"
+
+
+class ReviewStatus(models.TextChoices):
+    UNREVIEWED = "unreviewed"
+    # The first reader disagreed with the model and asked a colleague to read it too.
+    SECOND_READ = "second_read", "awaiting second read"
+    CONFIRMED = "confirmed"
+    OVERRIDDEN = "overridden"
+
+
+class Role(models.TextChoices):
+    """Django groups of the same names, created with their permissions by a migration."""
+
+    UPLOADER = "uploader"
+    RADIOLOGIST = "radiologist"
+    SITE_ADMIN = "site admin"
+
+
 class Case(models.Model):
     """One patient study. Its status summarises its images' statuses (see services)."""
 
@@ -56,11 +85,33 @@ class Case(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     completed_at = models.DateTimeField(null=True, blank=True)
 
+    # The radiologist's reading (see services.reviews). `review_version` is the optimistic
+    # lock: every review write sends the version it read and bumps it.
+    review_status = models.CharField(
+        max_length=16, choices=ReviewStatus.choices, default=ReviewStatus.UNREVIEWED
+    )
+    review_label = models.CharField(max_length=32, choices=Label.choices, blank=True)
+    assigned_to = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="assigned_cases",
+    )
+    review_version = models.PositiveIntegerField(default=0)
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [
             models.Index(fields=["site", "-created_at"]),
             models.Index(fields=["site", "status", "-created_at"]),
+            models.Index(fields=["site", "review_status", "-created_at"]),
+            models.Index(fields=["assigned_to", "review_status"]),
+        ]
+        permissions = [
+            ("review_case", "Can review cases: claim, confirm, override, second read"),
+            ("assign_case", "Can assign cases of the site to any radiologist"),
         ]
 
     def __str__(self):
@@ -116,6 +167,88 @@ class Prediction(models.Model):
     inference_ms = models.FloatField()
     turnaround_ms = models.FloatField()
     created_at = models.DateTimeField(auto_now_add=True)
+    # The probability of the predicted label (its maximum), computed by PostgreSQL so lists
+    # can filter and sort on it without reading the JSON in Python.
+    confidence = models.GeneratedField(
+        expression=Cast(
+            Func(F("probabilities"), F("label"), template="(%(expressions)s)", arg_joiner=" ->> "),
+            models.FloatField(),
+        ),
+        output_field=models.FloatField(),
+        db_persist=True,
+    )
 
     def __str__(self):
         return f"{self.label} ({self.image_id})"
+
+
+class Review(models.Model):
+    """One radiologist's reading of a case. A case has one, or two when the first reader
+    disagreed with the model and asked for a second read; the last one is the result."""
+
+    class Decision(models.TextChoices):
+        CONFIRM = "confirm"
+        OVERRIDE = "override"
+
+    case = models.ForeignKey(Case, on_delete=models.CASCADE, related_name="reviews")
+    reader = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="reviews"
+    )
+    decision = models.CharField(max_length=16, choices=Decision.choices)
+    label = models.CharField(max_length=32, choices=Label.choices)
+    # What the model said when the reader decided, so a later model cannot rewrite history.
+    model_label = models.CharField(max_length=32, blank=True)
+    reason = models.TextField(blank=True)
+    is_second_read = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["case", "created_at"]
+
+    def __str__(self):
+        return f"{self.decision} {self.label} by {self.reader_id} ({self.case_id})"
+
+
+class AuditEvent(models.Model):
+    """Append-only: who changed what, when and from where. Written by services in the same
+    transaction as the change; a database trigger refuses UPDATE and DELETE."""
+
+    class Source(models.TextChoices):
+        API = "api"
+        ADMIN = "admin"
+        WEB = "web"
+        WORKER = "worker"
+        SYSTEM = "system"
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # No foreign keys to the audited rows: the trail must outlive them. Users and sites are
+    # protected instead (deactivate a user, never delete one who acted).
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="audit_events",
+    )
+    actor_name = models.CharField(max_length=150, blank=True)
+    source = models.CharField(max_length=16, choices=Source.choices)
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    user_agent = models.CharField(max_length=300, blank=True)
+    action = models.CharField(max_length=64)
+    object_type = models.CharField(max_length=32)
+    object_id = models.CharField(max_length=64)
+    case_id = models.UUIDField(null=True, blank=True)
+    site = models.ForeignKey(
+        Site, on_delete=models.PROTECT, null=True, blank=True, related_name="audit_events"
+    )
+    changes = models.JSONField(default=dict, blank=True, encoder=DjangoJSONEncoder)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["case_id", "created_at"]),
+            models.Index(fields=["site", "-created_at"]),
+        ]
+
+    def __str__(self):
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_name or self.source} {self.action}"

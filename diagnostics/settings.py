@@ -42,6 +42,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Records the channel, IP and user agent of every audited change made by a request.
+    "diagnostics.middleware.RequestOriginMiddleware",
 ]
 
 ROOT_URLCONF = "diagnostics.urls"
@@ -136,6 +138,12 @@ SWEEP_INTERVAL_S = env.int("SWEEP_INTERVAL_S", default=30)
 SWEEP_RECEIVED_AFTER_S = env.int("SWEEP_RECEIVED_AFTER_S", default=30)
 SWEEP_QUEUED_AFTER_S = env.int("SWEEP_QUEUED_AFTER_S", default=300)
 SWEEP_BATCH = env.int("SWEEP_BATCH", default=5000)
+
+# --- Review ----------------------------------------------------------------------------
+# A case "needs review" when a slice's predicted probability is below this, or a slice failed.
+REVIEW_CONFIDENCE_THRESHOLD = env.float("REVIEW_CONFIDENCE_THRESHOLD", default=0.8)
+# Lifetime of the links the case page gives to full-size images (served by the app).
+REVIEW_IMAGE_CACHE_S = env.int("REVIEW_IMAGE_CACHE_S", default=300)
 
 # --- Model -----------------------------------------------------------------------------
 # Empty means the artifact shipped in ml/ (ml.inference.default_model_dir()).

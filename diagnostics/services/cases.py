@@ -15,6 +15,7 @@ from django.utils import timezone
 from diagnostics import jobs, storage
 from diagnostics.errors import InvalidUpload, ServiceUnavailable
 from diagnostics.models import TERMINAL_STATUSES, Case, Image, Prediction, Site, Status
+from diagnostics.services import audit
 from diagnostics.uploads import check_image
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def case_create(*, user, uploads: list[tuple[str, bytes]], reference: str = "") 
         with transaction.atomic():
             case.save(force_insert=True)
             Image.objects.bulk_create(images)
+            audit.case_created(case=case, images=images, actor=user)
             image_ids = [image.id for image in images]
             transaction.on_commit(lambda: enqueue_images(image_ids))
     except storage.StorageUnavailable as exc:
@@ -174,6 +176,8 @@ def image_claim(image_id) -> Claim:
         image = Image.objects.filter(id=image_id).first()
         if image is None:
             return Claim()
+        if worn_out:
+            audit.image_failed(image_id=image_id)
         if worn_out or claimed:
             _refresh_case_status(image.case_id)
         if claimed:
@@ -201,6 +205,7 @@ def image_attempt_failed(image_id, cause: str) -> bool:
             error=f"{cause[:1900]} (after {settings.CLASSIFY_MAX_ATTEMPTS} attempts)",
         )
         if failed:
+            audit.image_failed(image_id=image_id)
             _refresh_case_status(Image.objects.values_list("case_id", flat=True).get(id=image_id))
             return False
     image_release(image_id)
@@ -255,6 +260,7 @@ def image_fail(image_id, cause: str) -> None:
             .update(status=Status.FAILED, error=cause[:2000], finished_at=timezone.now())
         )
         if updated:
+            audit.image_failed(image_id=image_id)
             _refresh_case_status(Image.objects.values_list("case_id", flat=True).get(id=image_id))
     logger.warning("image %s failed: %s", image_id, cause)
 
@@ -315,6 +321,7 @@ def prediction_record(*, image_id, result, classifier, inference_ms: float) -> P
             inference_ms=inference_ms,
             turnaround_ms=(now - image.received_at).total_seconds() * 1000,
         )
+        audit.prediction_recorded(prediction=prediction, case_id=image.case_id)
         Image.objects.filter(id=image_id).update(status=Status.DONE, error="", finished_at=now)
         _refresh_case_status(image.case_id)
     return prediction
@@ -345,6 +352,7 @@ def _refresh_case_status(case_id) -> None:
             status = Status.RECEIVED
         if status != case.status:
             Case.objects.filter(id=case_id).update(status=status, completed_at=completed_at)
+            audit.case_status_changed(case_id=case_id, old=case.status, new=status)
 
 
 def user_create(*, username: str, site: Site, password: str | None = None, is_staff=False):
