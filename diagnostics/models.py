@@ -80,6 +80,10 @@ class Case(models.Model):
     )
     # Pseudonymous study reference supplied by the uploader; never a patient identifier.
     reference = models.CharField(max_length=128, blank=True)
+    # Duplicate uploads return the existing case: the client's Idempotency-Key header, and
+    # the sha256 over the sorted sha256s of its images (same bytes, same case).
+    idempotency_key = models.CharField(max_length=255, blank=True)
+    content_sha256 = models.CharField(max_length=64, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -103,6 +107,18 @@ class Case(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["site", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="case_idempotency_key_unique_per_site",
+            ),
+            models.UniqueConstraint(
+                fields=["site", "content_sha256"],
+                condition=~models.Q(content_sha256=""),
+                name="case_content_unique_per_site",
+            ),
+        ]
         indexes = [
             models.Index(fields=["site", "-created_at"]),
             models.Index(fields=["site", "status", "-created_at"]),
