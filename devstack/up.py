@@ -34,6 +34,7 @@ def up(data_dir: Path, port: int) -> int:
     if not services.port_is_free(port):
         print(f"Port {port} on 127.0.0.1 is in use; pass --port.", file=sys.stderr)
         return 2
+    data_dir.mkdir(parents=True, exist_ok=True)
     # SIGTERM (docker, systemd, kill) and SIGHUP (terminal closed) stop the stack like Ctrl-C.
     # SIGINT too, explicitly: a shell that starts us in the background leaves it ignored.
     for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -46,7 +47,9 @@ def up(data_dir: Path, port: int) -> int:
                 _supervised("web", _web_command(port), env, signal.SIGTERM, WEB_STOP_TIMEOUT_S)
             )
             worker = running.enter_context(
-                _supervised("worker", _worker_command(), env, signal.SIGTERM, WORKER_STOP_TIMEOUT_S)
+                _supervised(
+                    "worker", _worker_command(data_dir), env, signal.SIGTERM, WORKER_STOP_TIMEOUT_S
+                )
             )
             _wait_for_api(f"http://127.0.0.1:{port}{API_PATH}", token, web)
             _print_banner(port, token, data_dir)
@@ -136,8 +139,20 @@ def _web_command(port: int) -> list[str]:
     ]
 
 
-def _worker_command() -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=info"]
+def _worker_command(data_dir: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers",
+        "worker",
+        "--loglevel=info",
+        # The one worker also runs the sweeper's schedule (`celery beat`, one per deployment);
+        # its state file goes with the other local data, not into the source tree.
+        "--beat",
+        f"--schedule={data_dir / 'celerybeat-schedule'}",
+    ]
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-APP_SERVICES = ["migrate", "web", "worker", "worker-gpu"]
+APP_SERVICES = ["migrate", "web", "worker", "beat", "worker-gpu"]
 LONG_RUNNING = ["postgres", "redis", "s3", "web", "worker", "worker-gpu"]
 # What the settings need from a deployment; the local defaults would be wrong in containers.
 REQUIRED_APP_ENV = {
@@ -66,7 +66,16 @@ def interpolated_names(node) -> set[str]:
 
 
 def test_the_stack_has_every_service(services):
-    assert set(services) == {"postgres", "redis", "s3", "migrate", "web", "worker", "worker-gpu"}
+    assert set(services) == {
+        "postgres",
+        "redis",
+        "s3",
+        "migrate",
+        "web",
+        "worker",
+        "beat",
+        "worker-gpu",
+    }
 
 
 def test_backing_services_use_official_images_and_keep_data_in_volumes(compose, services):
@@ -96,6 +105,7 @@ def test_python_services_run_the_project_entry_points(services):
     assert command_text(services["web"]).startswith("gunicorn diagnostics.wsgi:application")
     for name in ("worker", "worker-gpu"):
         assert command_text(services[name]).startswith("celery -A workers worker")
+    assert command_text(services["beat"]).startswith("celery -A workers beat")
 
 
 def test_python_services_build_from_stages_of_the_one_dockerfile(services):
@@ -116,7 +126,7 @@ def test_app_and_web_start_only_after_migrations_succeed(services):
     migrate_dependencies = services["migrate"]["depends_on"]
     assert migrate_dependencies["postgres"]["condition"] == "service_healthy"
     assert migrate_dependencies["s3"]["condition"] == "service_healthy"
-    for name in ("web", "worker", "worker-gpu"):
+    for name in ("web", "worker", "beat", "worker-gpu"):
         condition = services[name]["depends_on"]["migrate"]["condition"]
         assert condition == "service_completed_successfully"
 
@@ -132,6 +142,7 @@ def test_long_running_services_have_healthchecks_and_restart(services):
     for name in LONG_RUNNING:
         assert services[name]["healthcheck"]["test"], name
         assert services[name]["restart"] == "unless-stopped", name
+    assert services["beat"]["restart"] == "unless-stopped"
     assert services["migrate"]["restart"] == "no"
 
 
