@@ -1,8 +1,34 @@
 """Every read the API and the admin make. Cases are always scoped to the user's site."""
 
-from django.db.models import Prefetch, QuerySet
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db.models import Case as SqlCase
+from django.db.models import (
+    Count,
+    Exists,
+    F,
+    IntegerField,
+    OuterRef,
+    Prefetch,
+    Q,
+    QuerySet,
+    Subquery,
+    Value,
+    When,
+)
+from django.db.models.functions import Coalesce
 
-from diagnostics.models import Case, Image
+from diagnostics.models import (
+    TERMINAL_STATUSES,
+    AuditEvent,
+    Case,
+    Image,
+    Prediction,
+    Review,
+    ReviewStatus,
+    Site,
+    Status,
+)
 
 
 def cases_visible_to(user) -> QuerySet[Case]:
@@ -16,7 +42,7 @@ def case_list(*, user, status: str | None = None) -> QuerySet[Case]:
     cases = cases_visible_to(user)
     if status:
         cases = cases.filter(status=status)
-    return cases.prefetch_related(
+    return cases.select_related("assigned_to").prefetch_related(
         Prefetch("images", queryset=Image.objects.select_related("prediction"))
     )
 
@@ -25,3 +51,154 @@ def case_get(*, user, case_id) -> Case | None:
     """The case if this user may see it; None both when it does not exist and when it is
     another site's, so the API cannot leak which ids exist."""
     return case_list(user=user).filter(id=case_id).first()
+
+
+# --- Review ----------------------------------------------------------------------------------
+
+# The case's "lead" prediction: its most confident slice. Its label is what the model says
+# about the case and what "confirm" confirms.
+_lead_predictions = Prediction.objects.filter(image__case=OuterRef("pk")).order_by(
+    "-confidence", "image__position"
+)
+
+
+def _needs_review():
+    """A finished case needs a careful look when a slice failed or a slice's prediction is
+    less confident than REVIEW_CONFIDENCE_THRESHOLD (until calibrated confidence exists)."""
+    return Exists(
+        Image.objects.filter(case=OuterRef("pk")).filter(
+            Q(status=Status.FAILED)
+            | Q(prediction__confidence__lt=settings.REVIEW_CONFIDENCE_THRESHOLD)
+        )
+    )
+
+
+def case_model_label(*, case_id) -> str | None:
+    """The label of the case's most confident slice; None when no slice has a prediction."""
+    return (
+        Prediction.objects.filter(image__case_id=case_id)
+        .order_by("-confidence", "image__position")
+        .values_list("label", flat=True)
+        .first()
+    )
+
+
+def case_review_list(*, user) -> QuerySet[Case]:
+    """The radiologists' worklist: every visible case with what the list shows, in one
+    query per page (each column is a correlated subquery on indexed keys, evaluated only
+    for the rows of the page unless a filter or the ordering needs it).
+
+    Default order: cases waiting for a reading first (finished and unreviewed or awaiting
+    a second read), flagged ones first among them, then newest first.
+    """
+    image_count = (
+        Image.objects.filter(case=OuterRef("pk"))
+        .order_by()
+        .values("case")
+        .annotate(n=Count("id"))
+        .values("n")
+    )
+    return (
+        cases_visible_to(user)
+        .select_related("site", "assigned_to")
+        .annotate(
+            predicted_label=Subquery(_lead_predictions.values("label")[:1]),
+            predicted_confidence=Subquery(_lead_predictions.values("confidence")[:1]),
+            needs_review=_needs_review(),
+            thumbnail_image_id=Subquery(
+                Image.objects.filter(case=OuterRef("pk")).order_by("position").values("id")[:1]
+            ),
+            image_count=Coalesce(Subquery(image_count), 0),
+            review_rank=SqlCase(
+                When(
+                    status__in=TERMINAL_STATUSES,
+                    review_status__in=[ReviewStatus.UNREVIEWED, ReviewStatus.SECOND_READ],
+                    then=Value(0),
+                ),
+                When(
+                    review_status__in=[ReviewStatus.UNREVIEWED, ReviewStatus.SECOND_READ],
+                    then=Value(1),
+                ),
+                default=Value(2),
+                output_field=IntegerField(),
+            ),
+        )
+        .order_by("review_rank", F("needs_review").desc(), "-created_at", "-id")
+    )
+
+
+def case_review_get(*, user, case_id) -> Case | None:
+    """The case page: the case with each image's prediction, its readings and its lead
+    label, or None when the user may not see it."""
+    return (
+        cases_visible_to(user)
+        .filter(id=case_id)
+        .select_related("site", "assigned_to", "uploaded_by")
+        .annotate(
+            predicted_label=Subquery(_lead_predictions.values("label")[:1]),
+            predicted_confidence=Subquery(_lead_predictions.values("confidence")[:1]),
+            needs_review=_needs_review(),
+        )
+        .prefetch_related(
+            Prefetch("images", queryset=Image.objects.select_related("prediction")),
+            Prefetch("reviews", queryset=Review.objects.select_related("reader")),
+        )
+        .first()
+    )
+
+
+def image_get(*, user, case_id, image_id) -> Image | None:
+    return (
+        Image.objects.filter(id=image_id, case_id=case_id, case__in=cases_visible_to(user))
+        .only("id", "s3_key", "content_type")
+        .first()
+    )
+
+
+def radiologists_of(*, site_id) -> QuerySet:
+    """Active users of the site who may review (to assign cases to)."""
+    return (
+        get_user_model()
+        .objects.filter(is_active=True, site_membership__site_id=site_id)
+        .filter(
+            Q(groups__permissions__codename="review_case")
+            | Q(user_permissions__codename="review_case")
+        )
+        .distinct()
+        .order_by("username")
+    )
+
+
+def user_may_review_at(*, user, site_id) -> bool:
+    return (
+        user.is_active
+        and user.has_perm("diagnostics.review_case")
+        and (user.is_superuser or radiologists_of(site_id=site_id).filter(id=user.id).exists())
+    )
+
+
+def sites_visible_to(user) -> QuerySet[Site]:
+    sites = Site.objects.all()
+    if not user.is_superuser:
+        sites = sites.filter(memberships__user=user)
+    return sites.order_by("name")
+
+
+def audit_events_visible_to(user) -> QuerySet[AuditEvent]:
+    events = AuditEvent.objects.all()
+    if not user.is_superuser:
+        events = events.filter(site__memberships__user=user)
+    return events
+
+
+def audit_events_for_case(*, user, case_id) -> QuerySet[AuditEvent]:
+    return audit_events_visible_to(user).filter(case_id=case_id).order_by("created_at", "id")
+
+
+def last_review_change(*, case_id) -> AuditEvent | None:
+    """The latest review event on a case: who changed it under someone else's feet."""
+    return (
+        AuditEvent.objects.filter(case_id=case_id, object_type="review")
+        .order_by("-created_at", "-id")
+        .first()
+    )

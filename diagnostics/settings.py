@@ -87,7 +87,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PERMISSION_CLASSES": ["diagnostics.api.permissions.SiteRolePermission"],
     "EXCEPTION_HANDLER": "diagnostics.api.errors.exception_handler",
     "DEFAULT_PARSER_CLASSES": [
         "rest_framework.parsers.MultiPartParser",

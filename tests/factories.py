@@ -5,7 +5,16 @@ import factory
 from django.contrib.auth import get_user_model
 from rest_framework.authtoken.models import Token
 
-from diagnostics.models import Case, Image, Prediction, Site, SiteMembership, Status
+from diagnostics import services
+from diagnostics.models import (
+    Case,
+    Image,
+    Prediction,
+    Role,
+    Site,
+    SiteMembership,
+    Status,
+)
 
 
 class SiteFactory(factory.django.DjangoModelFactory):
@@ -26,6 +35,28 @@ class UserFactory(factory.django.DjangoModelFactory):
     def site(user, create, extracted, **kwargs):
         if create:
             SiteMembership.objects.create(user=user, site=extracted or SiteFactory())
+
+    @factory.post_generation
+    def roles(user, create, extracted, **kwargs):
+        # An uploader unless the test names other roles (roles=[] for none).
+        if create:
+            services.user_roles_set(
+                user=user, roles=[Role.UPLOADER] if extracted is None else extracted
+            )
+
+
+class RadiologistFactory(UserFactory):
+    @factory.post_generation
+    def roles(user, create, extracted, **kwargs):
+        if create:
+            services.user_roles_set(user=user, roles=extracted or [Role.RADIOLOGIST])
+
+
+class SiteAdminFactory(UserFactory):
+    @factory.post_generation
+    def roles(user, create, extracted, **kwargs):
+        if create:
+            services.user_roles_set(user=user, roles=extracted or [Role.SITE_ADMIN])
 
 
 def token_for(user) -> str:

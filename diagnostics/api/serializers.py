@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from diagnostics.models import Case, Image, Prediction, Status
+from diagnostics.models import Case, Image, Label, Prediction, Review, Status
 
 
 class CaseCreateInput(serializers.Serializer):
@@ -56,9 +56,22 @@ class ImageOutput(serializers.ModelSerializer):
         return PredictionOutput(prediction).data if prediction else None
 
 
+class CaseReviewStateOutput(serializers.ModelSerializer):
+    status = serializers.CharField(source="review_status")
+    label = serializers.CharField(source="review_label")
+    assigned_to = serializers.CharField(source="assigned_to.username", default=None)
+    version = serializers.IntegerField(source="review_version")
+
+    class Meta:
+        model = Case
+        fields = ["status", "label", "assigned_to", "version", "reviewed_at"]
+
+
 class CaseOutput(serializers.ModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="case-detail", lookup_url_kwarg="case_id")
     images = ImageOutput(many=True)
+    # The radiologist's reading; details and actions at /cases/{id}/review/.
+    review = CaseReviewStateOutput(source="*", read_only=True)
 
     class Meta:
         model = Case
@@ -71,4 +84,70 @@ class CaseOutput(serializers.ModelSerializer):
             "updated_at",
             "completed_at",
             "images",
+            "review",
+        ]
+
+
+# --- Review ----------------------------------------------------------------------------------
+
+
+class ReviewInput(serializers.Serializer):
+    decision = serializers.ChoiceField(choices=Review.Decision.choices)
+    label = serializers.ChoiceField(choices=Label.choices, required=False, allow_null=True)
+    reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=5000)
+    request_second_read = serializers.BooleanField(required=False, default=False)
+    version = serializers.IntegerField(min_value=0)
+
+
+class VersionInput(serializers.Serializer):
+    version = serializers.IntegerField(min_value=0)
+
+
+class AssignmentInput(serializers.Serializer):
+    assignee = serializers.CharField(allow_null=True, max_length=150)
+    version = serializers.IntegerField(min_value=0)
+
+
+class ReadingOutput(serializers.ModelSerializer):
+    reader = serializers.CharField(source="reader.username")
+
+    class Meta:
+        model = Review
+        fields = [
+            "reader",
+            "decision",
+            "label",
+            "model_label",
+            "reason",
+            "is_second_read",
+            "created_at",
+        ]
+
+
+class ReviewOutput(serializers.ModelSerializer):
+    """The case's review state; `version` is what the next review call must send back."""
+
+    case = serializers.UUIDField(source="id")
+    status = serializers.CharField(source="review_status")
+    label = serializers.CharField(source="review_label")
+    model_label = serializers.CharField(source="predicted_label", allow_null=True)
+    model_confidence = serializers.FloatField(source="predicted_confidence", allow_null=True)
+    needs_review = serializers.BooleanField()
+    assigned_to = serializers.CharField(source="assigned_to.username", default=None)
+    version = serializers.IntegerField(source="review_version")
+    readings = ReadingOutput(source="reviews", many=True)
+
+    class Meta:
+        model = Case
+        fields = [
+            "case",
+            "status",
+            "label",
+            "model_label",
+            "model_confidence",
+            "needs_review",
+            "assigned_to",
+            "version",
+            "reviewed_at",
+            "readings",
         ]

@@ -1,5 +1,6 @@
 """Every write to the domain happens in these modules; the API, the admin and the workers
-call them. `cases`: uploads and classification."""
+call them. `cases`: uploads and classification; `reviews`: the radiologist's reading;
+`audit`: the append-only trail every write records."""
 
 from diagnostics.services.cases import (
     Claim,
@@ -18,8 +19,26 @@ from diagnostics.services.cases import (
     site_for,
     user_create,
 )
+from diagnostics.services.reviews import (
+    InvalidReview,
+    NotReviewable,
+    case_assign,
+    case_claim,
+    case_release,
+    case_review,
+    roles_ensure,
+    user_roles_set,
+)
 
 __all__ = [
+    "InvalidReview",
+    "NotReviewable",
+    "case_assign",
+    "case_claim",
+    "case_release",
+    "case_review",
+    "roles_ensure",
+    "user_roles_set",
     "Claim",
     "ImageBusy",
     "NoSite",
