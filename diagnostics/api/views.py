@@ -22,13 +22,19 @@ class CaseListCreateApi(APIView):
         data = CaseCreateInput(data=request.data)
         data.is_valid(raise_exception=True)
         uploads = [read_upload(upload) for upload in request.FILES.getlist("images")]
-        case = services.case_create(
-            user=request.user, uploads=uploads, reference=data.validated_data["reference"]
+        case, created = services.case_create(
+            user=request.user,
+            uploads=uploads,
+            reference=data.validated_data["reference"],
+            idempotency_key=request.headers.get("Idempotency-Key", "")[:255],
         )
         case = selectors.case_get(user=request.user, case_id=case.id)
         body = CaseOutput(case, context={"request": request}).data
+        # 202: accepted for processing; 200: this upload was seen before, here is its case.
         return Response(
-            body, status=status.HTTP_202_ACCEPTED, headers={"Location": str(body["url"])}
+            body,
+            status=status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK,
+            headers={"Location": str(body["url"])},
         )
 
     def get(self, request):

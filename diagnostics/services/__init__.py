@@ -4,6 +4,7 @@ call them. `cases`: uploads and classification; `reviews`: the radiologist's rea
 
 from diagnostics.services.cases import (
     Claim,
+    IdempotencyKeyReused,
     ImageBusy,
     NoSite,
     case_create,
@@ -40,6 +41,7 @@ __all__ = [
     "roles_ensure",
     "user_roles_set",
     "Claim",
+    "IdempotencyKeyReused",
     "ImageBusy",
     "NoSite",
     "case_create",

@@ -1,5 +1,6 @@
 """Uploads and classification: cases, their images and predictions."""
 
+import hashlib
 import logging
 import time
 import uuid
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -36,13 +37,24 @@ def site_for(user) -> Site:
     return membership.site
 
 
-def case_create(*, user, uploads: list[tuple[str, bytes]], reference: str = "") -> Case:
+class IdempotencyKeyReused(InvalidUpload):
+    status_code = 422
+    code = "idempotency_key_reused"
+
+
+def case_create(
+    *, user, uploads: list[tuple[str, bytes]], reference: str = "", idempotency_key: str = ""
+) -> tuple[Case, bool]:
     """Store every slice in S3, then commit the case and its images in one transaction.
+    Returns the case and whether it is new.
 
     All files are decoded before anything is stored, so one bad file rejects the whole
     request with nothing kept. If S3 or the database fails half way, the objects already
     written are deleted again: no row points at a missing object, and no object is left
     without a row. Jobs are sent only after the commit.
+
+    A repeated upload (the same Idempotency-Key, or the same image bytes) returns the
+    site's existing case instead of a second one, also when both arrive at once.
     """
     site = site_for(user)
     if not uploads:
@@ -52,8 +64,19 @@ def case_create(*, user, uploads: list[tuple[str, bytes]], reference: str = "") 
             f"{len(uploads)} images in one case; the limit is {settings.MAX_IMAGES_PER_CASE}"
         )
     checked = [check_image(data, name) for name, data in uploads]
+    content_sha256 = hashlib.sha256("".join(sorted(c.sha256 for c in checked)).encode()).hexdigest()
+    existing = _case_duplicate(site, idempotency_key, content_sha256)
+    if existing is not None:
+        return existing, False
 
-    case = Case(id=uuid.uuid4(), site=site, uploaded_by=user, reference=reference)
+    case = Case(
+        id=uuid.uuid4(),
+        site=site,
+        uploaded_by=user,
+        reference=reference,
+        idempotency_key=idempotency_key,
+        content_sha256=content_sha256,
+    )
     images = []
     for position, item in enumerate(checked):
         image_id = uuid.uuid4()
@@ -89,13 +112,32 @@ def case_create(*, user, uploads: list[tuple[str, bytes]], reference: str = "") 
         raise ServiceUnavailable(
             "object storage is unavailable; nothing was stored, retry later"
         ) from exc
+    except IntegrityError:
+        # The same upload committed first in a concurrent request: answer with that one.
+        _discard_objects(stored_keys)
+        existing = _case_duplicate(site, idempotency_key, content_sha256)
+        if existing is None:
+            raise
+        return existing, False
     except DatabaseError as exc:
         _discard_objects(stored_keys)
         logger.warning("upload refused, database unavailable: %s", exc)
         raise ServiceUnavailable(
             "the database is unavailable; nothing was stored, retry later"
         ) from exc
-    return case
+    return case, True
+
+
+def _case_duplicate(site, idempotency_key: str, content_sha256: str) -> Case | None:
+    if idempotency_key:
+        case = Case.objects.filter(site=site, idempotency_key=idempotency_key).first()
+        if case is not None:
+            if case.content_sha256 != content_sha256:
+                raise IdempotencyKeyReused(
+                    "this Idempotency-Key was already used for a different upload"
+                )
+            return case
+    return Case.objects.filter(site=site, content_sha256=content_sha256).first()
 
 
 def _discard_objects(keys: list[str]) -> None:

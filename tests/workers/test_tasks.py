@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("s3_bucket")]
 
 @pytest.fixture
 def uploaded_image():
-    case = services.case_create(user=UserFactory(), uploads=[("a.jpg", image_bytes())])
+    case, _ = services.case_create(user=UserFactory(), uploads=[("a.jpg", image_bytes())])
     return case.images.get()
 
 

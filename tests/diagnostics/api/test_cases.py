@@ -187,3 +187,23 @@ def test_list_query_count_does_not_grow_with_cases_or_images(client, user):
     assert response.status_code == 200 and len(response.json()["results"]) == 5
     # token+user, cases, images with their predictions
     assert len(queries) == 3
+
+
+def test_a_repeated_upload_returns_the_existing_case_with_200(client):
+    first = client.post("/api/v1/cases/", {"images": [jpeg(seed=5)]}, HTTP_IDEMPOTENCY_KEY="abc")
+    again = client.post("/api/v1/cases/", {"images": [jpeg(seed=5)]}, HTTP_IDEMPOTENCY_KEY="abc")
+    same_bytes = client.post("/api/v1/cases/", {"images": [jpeg(seed=5)]})
+
+    assert (first.status_code, again.status_code, same_bytes.status_code) == (202, 200, 200)
+    assert first.json()["id"] == again.json()["id"] == same_bytes.json()["id"]
+    assert again["Location"] == first["Location"]
+
+
+def test_an_idempotency_key_reused_for_other_images_gets_422(client):
+    client.post("/api/v1/cases/", {"images": [jpeg(seed=5)]}, HTTP_IDEMPOTENCY_KEY="abc")
+    response = client.post("/api/v1/cases/", {"images": [jpeg(seed=6)]}, HTTP_IDEMPOTENCY_KEY="abc")
+    assert response.status_code == 422
+    assert response.json() == {
+        "detail": "this Idempotency-Key was already used for a different upload",
+        "code": "idempotency_key_reused",
+    }

@@ -19,7 +19,7 @@ def test_case_create_stores_each_slice_in_s3_and_queues_a_job_after_commit(broke
     user = UserFactory()
     uploads = [("a.jpg", image_bytes(seed=1)), ("b.png", image_bytes(format="PNG", seed=2))]
 
-    case = services.case_create(user=user, uploads=uploads, reference="study-1")
+    case, _ = services.case_create(user=user, uploads=uploads, reference="study-1")
 
     images = list(case.images.order_by("position"))
     assert [image.original_name for image in images] == ["a.jpg", "b.png"]
@@ -32,7 +32,7 @@ def test_case_create_stores_each_slice_in_s3_and_queues_a_job_after_commit(broke
 
 
 def test_object_keys_are_generated_by_the_server_not_from_the_file_name():
-    case = services.case_create(
+    case, _ = services.case_create(
         user=UserFactory(), uploads=[("../../etc/passwd.jpg", image_bytes())]
     )
     image = case.images.get()
@@ -57,7 +57,7 @@ def test_s3_unavailable_refuses_the_upload_with_no_row(s3_down):
 
 @pytest.mark.django_db(transaction=True)
 def test_jobs_are_sent_after_commit_and_images_become_queued(broker):
-    case = services.case_create(user=UserFactory(), uploads=[("a.jpg", image_bytes())] * 2)
+    case, _ = services.case_create(user=UserFactory(), uploads=[("a.jpg", image_bytes())] * 2)
 
     assert broker.llen("celery") == 2
     assert set(case.images.values_list("status", flat=True)) == {Status.QUEUED}
@@ -207,7 +207,7 @@ def test_a_case_whose_images_all_failed_is_failed():
 
 
 def test_image_classify_runs_the_real_model_and_records_its_version(tiny_classifier):
-    case = services.case_create(user=UserFactory(), uploads=[("a.jpg", image_bytes())])
+    case, _ = services.case_create(user=UserFactory(), uploads=[("a.jpg", image_bytes())])
     image = case.images.get()
 
     prediction = services.image_classify(image_id=image.id, classifier=tiny_classifier)
