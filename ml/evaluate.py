@@ -226,6 +226,25 @@ def evaluate(
     }
 
 
+SUITE = {
+    "test_split": "the leakage-free test split saved with the model (held-out Training/ groups)",
+    "testing_raw": "the raw Testing/ folder (many images are re-encoded copies of Training/ ones)",
+    "testing_unseen": "Testing/ images with no near-duplicate in Training/",
+}
+
+
+def evaluate_suite(dataset_root: str | Path, model: str | Path, runtime: str = "auto") -> dict:
+    """The report's three evaluations on a Sartaj-style root with Training/ and Testing/."""
+    root = Path(dataset_root)
+    return {
+        "test_split": evaluate(root / "Training", model, split="test", runtime=runtime),
+        "testing_raw": evaluate(root / "Testing", model, runtime=runtime),
+        "testing_unseen": evaluate(
+            root / "Testing", model, exclude_near_duplicates_of=root / "Training", runtime=runtime
+        ),
+    }
+
+
 def format_summary(result: dict) -> str:
     metrics = result["metrics"]
     lines = [
@@ -250,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", required=True, help="folder of class subfolders")
+    parser.add_argument(
+        "--suite",
+        action="store_true",
+        help="DATA is a root with Training/ and Testing/: score the report's three sets "
+        "(test split, raw Testing/, Testing/ without near-duplicates in Training/)",
+    )
     parser.add_argument("--model", required=True, help="artifact folder (with model.json)")
     parser.add_argument("--json", help="write the full result here")
     parser.add_argument("--png", help="confusion-matrix PNG (default: next to --json)")
@@ -257,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exclude-near-duplicates-of", metavar="DIR")
     parser.add_argument("--runtime", default="auto", choices=("auto", "litert", "keras"))
     args = parser.parse_args(argv)
+    if args.suite:
+        return run_suite(args)
 
     result = evaluate(
         args.data, args.model, args.split, args.exclude_near_duplicates_of, args.runtime
@@ -278,6 +305,27 @@ def main(argv: list[str] | None = None) -> int:
         result["training_curves_png"] = str(curves)
     if args.json:
         write_json(args.json, result)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def run_suite(args) -> int:
+    results = evaluate_suite(args.data, args.model, args.runtime)
+    stem = Path(args.json).with_suffix("") if args.json else None
+    for key, result in results.items():
+        print(f"\n== {key}: {SUITE[key]}\n{format_summary(result)}", flush=True)
+        if stem:
+            png = Path(f"{stem}-{key}-confusion.png")
+            title = f"{result['model']['name']} {result['model']['version']}: {SUITE[key]}"
+            plot_confusion_matrix(result["metrics"]["confusion_matrix"], CLASS_NAMES, png, title)
+            result["confusion_png"] = png.name
+    if stem:
+        history = json.loads((Path(args.model) / "model.json").read_text()).get("history")
+        if history:
+            plot_training_curves(
+                history, f"{stem}-training-curves.png", results["test_split"]["model"]["name"]
+            )
+        write_json(args.json, {"descriptions": SUITE, **results})
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
