@@ -242,7 +242,8 @@ class CaseAdmin(admin.ModelAdmin):
     # --- The case page ---------------------------------------------------------------------
 
     def get_urls(self):
-        image_view = self.admin_site.admin_view(self.image_view)
+        # cacheable: the browser may keep a slice for a few minutes (private, not shared).
+        image_view = self.admin_site.admin_view(self.image_view, cacheable=True)
         return [
             path(
                 "<uuid:case_id>/images/<uuid:image_id>/",
