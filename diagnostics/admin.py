@@ -204,11 +204,9 @@ class CaseAdmin(admin.ModelAdmin):
 
     @admin.display(description="")
     def thumbnail(self, case):
-        if case.thumbnail_image_id is None:
-            return "-"
-        url = reverse("admin:diagnostics_case_image", args=[case.id, case.thumbnail_image_id])
+        url = reverse("admin:diagnostics_case_thumbnail", args=[case.id])
         return format_html(
-            '<img src="{}?size=thumb" alt="" width="{}" height="{}" loading="lazy" '
+            '<img src="{}" alt="" width="{}" height="{}" loading="lazy" '
             'style="object-fit: contain; background: #000">',
             url,
             THUMBNAIL_SIDE // 2,
@@ -244,14 +242,25 @@ class CaseAdmin(admin.ModelAdmin):
     def get_urls(self):
         # cacheable: the browser may keep a slice for a few minutes (private, not shared).
         image_view = self.admin_site.admin_view(self.image_view, cacheable=True)
+        thumbnail_view = self.admin_site.admin_view(self.thumbnail_view, cacheable=True)
         return [
             path(
                 "<uuid:case_id>/images/<uuid:image_id>/",
                 image_view,
                 name="diagnostics_case_image",
             ),
+            path("<uuid:case_id>/thumbnail/", thumbnail_view, name="diagnostics_case_thumbnail"),
             *super().get_urls(),
         ]
+
+    def thumbnail_view(self, request, case_id):
+        """The worklist's thumbnail: the case's first slice, scaled down."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        image = selectors.case_thumbnail_image_get(user=request.user, case_id=case_id)
+        if image is None:
+            raise Http404("no such case, or it has no image")
+        return _image_response(image, thumbnail=True)
 
     def image_view(self, request, case_id, image_id):
         """One slice's bytes, streamed from S3 through the app (the bucket stays private),
@@ -261,19 +270,7 @@ class CaseAdmin(admin.ModelAdmin):
         image = selectors.image_get(user=request.user, case_id=case_id, image_id=image_id)
         if image is None:
             raise Http404("no such image")
-        try:
-            data = storage.get(image.s3_key)
-        except storage.StorageUnavailable:
-            return HttpResponse("object storage is unavailable", status=503)
-        content_type = image.content_type
-        if request.GET.get("size") == "thumb":
-            data, content_type = _thumbnail(data), "image/jpeg"
-        elif content_type not in BROWSER_IMAGE_TYPES:
-            data, content_type = _as_png(data), "image/png"
-        response = HttpResponse(data, content_type=content_type)
-        response["Cache-Control"] = f"private, max-age={settings.REVIEW_IMAGE_CACHE_S}"
-        response["X-Content-Type-Options"] = "nosniff"
-        return response
+        return _image_response(image, thumbnail=request.GET.get("size") == "thumb")
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         if not self.has_view_permission(request):
@@ -370,6 +367,22 @@ class CaseAdmin(admin.ModelAdmin):
         return TemplateResponse(
             request, "admin/diagnostics/case/review.html", context, status=status
         )
+
+
+def _image_response(image, *, thumbnail: bool) -> HttpResponse:
+    try:
+        data = storage.get(image.s3_key)
+    except storage.StorageUnavailable:
+        return HttpResponse("object storage is unavailable", status=503)
+    content_type = image.content_type
+    if thumbnail:
+        data, content_type = _thumbnail(data), "image/jpeg"
+    elif content_type not in BROWSER_IMAGE_TYPES:
+        data, content_type = _as_png(data), "image/png"
+    response = HttpResponse(data, content_type=content_type)
+    response["Cache-Control"] = f"private, max-age={settings.REVIEW_IMAGE_CACHE_S}"
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 def _probabilities(image) -> list[tuple[str, str]]:

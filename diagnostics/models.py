@@ -105,6 +105,16 @@ class Case(models.Model):
     review_version = models.PositiveIntegerField(default=0)
     reviewed_at = models.DateTimeField(null=True, blank=True)
 
+    # What the worklist sorts and filters on, kept by PostgreSQL triggers whenever a
+    # prediction is written or a slice fails (migration 0005), so a page of 100,000 cases
+    # needs no per-case subqueries. Read-only for Python: never assign them.
+    # The model's label for the case: its most confident slice's.
+    predicted_label = models.CharField(max_length=32, blank=True, editable=False)
+    predicted_confidence = models.FloatField(null=True, blank=True, editable=False)
+    # The least confident slice's probability, and whether any slice failed: "needs review".
+    min_confidence = models.FloatField(null=True, blank=True, editable=False)
+    has_failed_image = models.BooleanField(default=False, editable=False)
+
     class Meta:
         ordering = ["-created_at", "-id"]
         constraints = [

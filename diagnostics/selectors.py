@@ -2,21 +2,18 @@
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db.models import Case as SqlCase
 from django.db.models import (
-    Count,
-    Exists,
+    BooleanField,
+    ExpressionWrapper,
     F,
     IntegerField,
-    OuterRef,
     Prefetch,
     Q,
     QuerySet,
-    Subquery,
     Value,
     When,
 )
-from django.db.models.functions import Coalesce
+from django.db.models import Case as SqlCase
 
 from diagnostics.models import (
     TERMINAL_STATUSES,
@@ -27,7 +24,6 @@ from diagnostics.models import (
     Review,
     ReviewStatus,
     Site,
-    Status,
 )
 
 
@@ -55,26 +51,21 @@ def case_get(*, user, case_id) -> Case | None:
 
 # --- Review ----------------------------------------------------------------------------------
 
-# The case's "lead" prediction: its most confident slice. Its label is what the model says
-# about the case and what "confirm" confirms.
-_lead_predictions = Prediction.objects.filter(image__case=OuterRef("pk")).order_by(
-    "-confidence", "image__position"
-)
 
-
-def _needs_review():
-    """A finished case needs a careful look when a slice failed or a slice's prediction is
-    less confident than REVIEW_CONFIDENCE_THRESHOLD (until calibrated confidence exists)."""
-    return Exists(
-        Image.objects.filter(case=OuterRef("pk")).filter(
-            Q(status=Status.FAILED)
-            | Q(prediction__confidence__lt=settings.REVIEW_CONFIDENCE_THRESHOLD)
-        )
+def _needs_review() -> ExpressionWrapper:
+    """A case needs a careful look when a slice failed or a slice's prediction is less
+    confident than REVIEW_CONFIDENCE_THRESHOLD (until calibrated confidence exists). Both
+    inputs are columns of the case row (kept by the database), so it costs no subquery."""
+    return ExpressionWrapper(
+        Q(has_failed_image=True) | Q(min_confidence__lt=settings.REVIEW_CONFIDENCE_THRESHOLD),
+        output_field=BooleanField(),
     )
 
 
 def case_model_label(*, case_id) -> str | None:
-    """The label of the case's most confident slice; None when no slice has a prediction."""
+    """What the model says about the case, and what "confirm" confirms: the label of its
+    most confident slice (None when no slice has a prediction). Read from the predictions
+    themselves, not from the case row's copy."""
     return (
         Prediction.objects.filter(image__case_id=case_id)
         .order_by("-confidence", "image__position")
@@ -85,30 +76,17 @@ def case_model_label(*, case_id) -> str | None:
 
 def case_review_list(*, user) -> QuerySet[Case]:
     """The radiologists' worklist: every visible case with what the list shows, in one
-    query per page (each column is a correlated subquery on indexed keys, evaluated only
-    for the rows of the page unless a filter or the ordering needs it).
+    query per page and no subquery: what it shows, sorts and filters on are columns of
+    the case row (deep pages still pay for the OFFSET).
 
     Default order: cases waiting for a reading first (finished and unreviewed or awaiting
     a second read), flagged ones first among them, then newest first.
     """
-    image_count = (
-        Image.objects.filter(case=OuterRef("pk"))
-        .order_by()
-        .values("case")
-        .annotate(n=Count("id"))
-        .values("n")
-    )
     return (
         cases_visible_to(user)
         .select_related("site", "assigned_to")
         .annotate(
-            predicted_label=Subquery(_lead_predictions.values("label")[:1]),
-            predicted_confidence=Subquery(_lead_predictions.values("confidence")[:1]),
             needs_review=_needs_review(),
-            thumbnail_image_id=Subquery(
-                Image.objects.filter(case=OuterRef("pk")).order_by("position").values("id")[:1]
-            ),
-            image_count=Coalesce(Subquery(image_count), 0),
             review_rank=SqlCase(
                 When(
                     status__in=TERMINAL_STATUSES,
@@ -134,15 +112,21 @@ def case_review_get(*, user, case_id) -> Case | None:
         cases_visible_to(user)
         .filter(id=case_id)
         .select_related("site", "assigned_to", "uploaded_by")
-        .annotate(
-            predicted_label=Subquery(_lead_predictions.values("label")[:1]),
-            predicted_confidence=Subquery(_lead_predictions.values("confidence")[:1]),
-            needs_review=_needs_review(),
-        )
+        .annotate(needs_review=_needs_review())
         .prefetch_related(
             Prefetch("images", queryset=Image.objects.select_related("prediction")),
             Prefetch("reviews", queryset=Review.objects.select_related("reader")),
         )
+        .first()
+    )
+
+
+def case_thumbnail_image_get(*, user, case_id) -> Image | None:
+    """The case's first slice, which the worklist shows as its thumbnail."""
+    return (
+        Image.objects.filter(case_id=case_id, case__in=cases_visible_to(user))
+        .order_by("position")
+        .only("id", "s3_key", "content_type")
         .first()
     )
 

@@ -58,8 +58,7 @@ def test_the_list_shows_what_a_radiologist_works_from(client, radiologist):
     assert listed_ids(response) == [str(case.id)[:8]]
     assert str(other.id)[:8] not in response.text
     row = response.text[response.text.index("study-42") - 2000 :]
-    image = case.images.get()
-    assert f"/admin/diagnostics/case/{case.id}/images/{image.id}/?size=thumb" in row
+    assert f'src="/admin/diagnostics/case/{case.id}/thumbnail/"' in row
     for column in ("glioma", "70%", "unreviewed", "icon-yes.svg"):
         assert column in row
 
@@ -225,11 +224,12 @@ def test_images_are_served_through_the_app_and_thumbnailed(client, radiologist, 
     url = f"/admin/diagnostics/case/{case.id}/images/{image.id}/"
 
     full = client.get(url)
-    thumb = client.get(url + "?size=thumb")
+    thumb = client.get(f"/admin/diagnostics/case/{case.id}/thumbnail/")
 
     assert full.status_code == 200 and full.content == data
     assert full["Content-Type"] == "image/jpeg"
     assert full["Cache-Control"] == "private, max-age=300"
+    assert thumb["Content-Type"] == "image/jpeg"
     assert PilImage.open(io.BytesIO(thumb.content)).size == (96, 64)
 
 

@@ -3,10 +3,16 @@ from django.db import IntegrityError, ProgrammingError, connection, transaction
 
 from diagnostics import services
 from diagnostics.errors import Conflict, Forbidden, NotFound
-from diagnostics.models import AuditEvent, Review, ReviewStatus, Status
+from diagnostics.models import AuditEvent, Image, Review, ReviewStatus, Status
 from diagnostics.services import audit
 from diagnostics.services.reviews import InvalidReview, NotReviewable
-from tests.factories import CaseFactory, PredictionFactory, RadiologistFactory, SiteAdminFactory
+from tests.factories import (
+    CaseFactory,
+    ImageFactory,
+    PredictionFactory,
+    RadiologistFactory,
+    SiteAdminFactory,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -327,3 +333,24 @@ def test_uploads_and_the_workers_writes_are_audited(tiny_classifier, s3_bucket, 
     assert ("prediction.recorded", "", None) in actions
     assert actions[-1] == ("case.status_changed", "", ["processing", "done"])
     assert AuditEvent.objects.filter(case_id=uploaded.id).values("site").distinct().count() == 1
+
+
+def test_the_database_keeps_the_worklist_columns_of_the_case():
+    case = CaseFactory(status=Status.DONE)
+    confident = {"glioma": 0.05, "meningioma": 0.05, "no_tumor": 0.05, "pituitary": 0.85}
+    PredictionFactory(image__case=case, label="pituitary", probabilities=confident)
+    PredictionFactory(image__case=case)  # glioma at 0.7
+    slow = ImageFactory(case=case, status=Status.PROCESSING)
+
+    case.refresh_from_db()
+    assert (case.predicted_label, case.predicted_confidence, case.min_confidence) == (
+        "pituitary",
+        0.85,
+        0.7,
+    )
+    assert case.has_failed_image is False
+
+    Image.objects.filter(id=slow.id).update(status=Status.FAILED)
+
+    case.refresh_from_db()
+    assert case.has_failed_image is True
