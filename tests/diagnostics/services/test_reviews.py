@@ -354,3 +354,26 @@ def test_the_database_keeps_the_worklist_columns_of_the_case():
 
     case.refresh_from_db()
     assert case.has_failed_image is True
+
+
+def test_create_demo_user_gives_the_roles_asked_for():
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+
+    call_command("create_demo_user", "--username", "ann", "--site", "North", "--role", "uploader")
+    call_command(
+        "create_demo_user", "--username", "rad", "--site", "North", "--role", "radiologist"
+    )
+    call_command("create_demo_user", "--username", "demo")
+
+    users = get_user_model().objects.in_bulk(["ann", "rad", "demo"], field_name="username")
+    groups = {
+        name: sorted(user.groups.values_list("name", flat=True)) for name, user in users.items()
+    }
+    assert groups == {
+        "ann": ["uploader"],
+        "rad": ["radiologist"],
+        "demo": ["radiologist", "uploader"],
+    }
+    assert users["rad"].has_perm("diagnostics.review_case")
+    assert not users["ann"].has_perm("diagnostics.review_case")
