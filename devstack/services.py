@@ -131,8 +131,11 @@ def stop_all() -> None:
         service.stop()
 
 
-def start_postgres(data_dir: Path | str, database: str = "diagnostics") -> Service:
-    """PostgreSQL (trust auth, user ``postgres``) with ``database`` created if missing."""
+def start_postgres(
+    data_dir: Path | str, database: str = "diagnostics", port: int | None = None
+) -> Service:
+    """PostgreSQL (trust auth, user ``postgres``) with ``database`` created if missing.
+    ``port`` pins the port, e.g. to restart a server where its clients expect it."""
     data_dir = _service_dir(data_dir)
     pgdata = data_dir / "pgdata"
     log_path = data_dir / "postgres.log"
@@ -163,6 +166,7 @@ def start_postgres(data_dir: Path | str, database: str = "diagnostics") -> Servi
         # SIGINT is PostgreSQL's "fast" shutdown: disconnect clients, checkpoint, exit.
         stop_signal=signal.SIGINT,
         run_as=run_as,
+        port_for_attempt=_pinned_or_free(port),
     )
     try:
         _create_database(service.url.rsplit("/", 1)[0] + "/postgres", database)
@@ -172,8 +176,8 @@ def start_postgres(data_dir: Path | str, database: str = "diagnostics") -> Servi
     return service
 
 
-def start_redis(data_dir: Path | str) -> Service:
-    """Redis with append-only persistence in ``data_dir``."""
+def start_redis(data_dir: Path | str, port: int | None = None) -> Service:
+    """Redis with append-only persistence in ``data_dir``; ``port`` pins the port."""
     data_dir = _service_dir(data_dir)
     log_path = data_dir / "redis.log"
 
@@ -203,6 +207,7 @@ def start_redis(data_dir: Path | str) -> Service:
         ready=_redis_answers,
         log_path=log_path,
         stop_signal=signal.SIGTERM,
+        port_for_attempt=_pinned_or_free(port),
     )
 
 
@@ -297,6 +302,10 @@ def _start(
         if time.monotonic() >= deadline:
             break
     raise ServiceError(f"{name} did not start; see {log_path}:\n{_tail(log_path)}")
+
+
+def _pinned_or_free(port: int | None) -> Callable[[], int]:
+    return (lambda: port) if port else (lambda: _free_port())
 
 
 def _die_with_parent(sig: signal.Signals) -> Callable[[], None]:

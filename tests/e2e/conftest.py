@@ -1,61 +1,34 @@
+"""Real processes for end-to-end tests: `celery -A workers worker`, `celery -A workers beat`
+and gunicorn, on the test database, the test bucket and a real Redis."""
+
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import requests
 from django.conf import settings
 from django.db import connection
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _database_url() -> str:
+def database_url(name: str | None = None) -> str:
     """The URL of the test database pytest-django created, for other processes."""
     db = connection.settings_dict
     password = f":{db['PASSWORD']}" if db["PASSWORD"] else ""
     port = f":{db['PORT']}" if db["PORT"] else ""
-    return f"postgres://{db['USER']}{password}@{db['HOST']}{port}/{db['NAME']}"
+    return f"postgres://{db['USER']}{password}@{db['HOST']}{port}/{name or db['NAME']}"
 
 
-@pytest.fixture
-def start_worker(tiny_model_dir, s3_bucket, tmp_path):
-    """Start real `celery -A workers worker` processes on the test database, bucket and
-    broker; each is stopped (and its log printed on failure) at the end of the test."""
-    started = []
-
-    def start(*extra_args: str, model_dir: Path = tiny_model_dir) -> subprocess.Popen:
-        log_path = tmp_path / f"worker-{len(started)}.log"
-        env = os.environ | {
-            "DATABASE_URL": _database_url(),
-            "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
-            "S3_ENDPOINT_URL": settings.S3_ENDPOINT_URL,
-            "S3_BUCKET": s3_bucket,
-            "MODEL_DIR": str(model_dir),
-        }
-        command = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=info"]
-        command += ["--without-gossip", "--without-mingle", "--hostname", f"e2e{len(started)}@%h"]
-        worker = subprocess.Popen(
-            [*command, *extra_args],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log_path.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        started.append((worker, log_path))
-        return worker
-
-    yield start
-
-    for worker, log_path in started:
-        if worker.poll() is None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-        print(f"--- {log_path.name} ---\n{log_path.read_text(errors='replace')[-4000:]}")
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_for(predicate, *, timeout: float, interval: float = 0.2):
@@ -66,3 +39,90 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.2):
             return result
         time.sleep(interval)
     raise AssertionError(f"gave up waiting after {timeout} s")
+
+
+COMMANDS = {
+    "worker": lambda name, tmp: [
+        *("-m", "celery", "-A", "workers", "worker", "--loglevel=info"),
+        *("--without-gossip", "--without-mingle", f"--hostname={name}@%h"),
+    ],
+    "beat": lambda name, tmp: [
+        *("-m", "celery", "-A", "workers", "beat", "--loglevel=info"),
+        f"--schedule={tmp / f'{name}-schedule'}",
+    ],
+}
+
+
+@pytest.fixture
+def processes(tiny_model_dir, s3_bucket, tmp_path):
+    """Start real project processes; each is stopped, and its log printed, after the test.
+
+    `processes.start(kind, **env)` with kind "worker" or "beat", or `processes.web(**env)`
+    for gunicorn (returns its base URL). Processes run in their own session, so
+    `processes.kill(p)` can SIGKILL a worker with its pool children.
+    """
+
+    class Processes:
+        env = os.environ | {
+            "DATABASE_URL": database_url(),
+            "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
+            "S3_ENDPOINT_URL": settings.S3_ENDPOINT_URL,
+            "S3_BUCKET": s3_bucket,
+            "MODEL_DIR": str(tiny_model_dir),
+        }
+        started: list[tuple[subprocess.Popen, Path]] = []
+
+        def _popen(self, name, args, env):
+            log_path = tmp_path / f"{name}.log"
+            process = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=REPO_ROOT,
+                env=self.env | {key: str(value) for key, value in env.items()},
+                stdout=log_path.open("wb"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            self.started.append((process, log_path))
+            return process
+
+        def start(self, kind: str, **env) -> subprocess.Popen:
+            name = f"{kind}{len(self.started)}"
+            return self._popen(name, COMMANDS[kind](name, tmp_path), env)
+
+        def web(self, **env) -> str:
+            port = free_port()
+            args = ["-m", "gunicorn", "diagnostics.wsgi:application", f"--bind=127.0.0.1:{port}"]
+            web = self._popen(f"web{len(self.started)}", [*args, "--workers=2"], env)
+            url = f"http://127.0.0.1:{port}"
+
+            def answers():
+                assert web.poll() is None, "gunicorn exited"
+                try:
+                    return requests.get(f"{url}/api/v1/cases/", timeout=2).status_code == 401
+                except requests.ConnectionError:
+                    return False
+
+            wait_for(answers, timeout=30)
+            return url
+
+        @staticmethod
+        def kill(process: subprocess.Popen) -> None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    yield Processes()
+
+    for process, log_path in Processes.started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        print(f"--- {log_path.name} ---\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture
+def start_worker(processes):
+    return lambda *args, **env: processes.start("worker", **env)

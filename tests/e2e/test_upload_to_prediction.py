@@ -50,7 +50,7 @@ def test_a_job_delivered_twice_writes_one_prediction(live_server, start_worker, 
     from diagnostics import jobs
 
     headers = {"Authorization": f"Token {token_for(UserFactory())}"}
-    start_worker("--concurrency=1")
+    start_worker()
 
     def upload_and_wait(seed):
         response = requests.post(
