@@ -99,11 +99,13 @@ def plot_confusion_matrix(matrix, class_names, path: str | Path, title: str = ""
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    figure, axes = plt.subplots(figsize=(5.5, 4.8))
+    import textwrap
+
+    figure, axes = plt.subplots(figsize=(5.5, 5.0))
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=class_names).plot(
         ax=axes, cmap="Blues", colorbar=False, values_format="d"
     )
-    axes.set_title(title, fontsize=9)
+    axes.set_title(textwrap.fill(title, 70), fontsize=8)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,11 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(result), flush=True)
     stem = Path(args.json).with_suffix("") if args.json else None
     png = Path(args.png) if args.png else (Path(f"{stem}-confusion.png") if stem else None)
-    title = f"{result['model']['name']} {result['model']['version']}: {result['selection']}"
+    selection = result["selection"]
+    title = (
+        f"{result['model']['name']} {result['model']['version']}: {selection['scored']} images "
+        f"from {selection['data']}" + (f" ({selection['split']} split)" if args.split else "")
+    )
     if png:
-        plot_confusion_matrix(
-            result["metrics"]["confusion_matrix"], CLASS_NAMES, png, title=title[:150]
-        )
+        plot_confusion_matrix(result["metrics"]["confusion_matrix"], CLASS_NAMES, png, title)
         result["confusion_png"] = str(png)
     history = json.loads((Path(args.model) / "model.json").read_text()).get("history")
     if history and stem:
