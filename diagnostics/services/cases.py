@@ -14,7 +14,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from diagnostics import jobs, storage
-from diagnostics.errors import InvalidUpload, ServiceUnavailable
+from diagnostics.errors import Forbidden, InvalidUpload, ServiceUnavailable
 from diagnostics.models import TERMINAL_STATUSES, Case, Image, Prediction, Site, Status
 from diagnostics.services import audit
 from diagnostics.uploads import check_image
@@ -57,6 +57,8 @@ def case_create(
     site's existing case instead of a second one, also when both arrive at once.
     """
     site = site_for(user)
+    if not user.has_perm("diagnostics.add_case"):
+        raise Forbidden("your role does not allow you to upload cases")
     if not uploads:
         raise InvalidUpload("no images: send one or more files in the 'images' field")
     if len(uploads) > settings.MAX_IMAGES_PER_CASE:
