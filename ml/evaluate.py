@@ -96,10 +96,10 @@ def plot_confusion_matrix(matrix, class_names, path: str | Path, title: str = ""
     import matplotlib
 
     matplotlib.use("Agg")
+    import textwrap
+
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
-
-    import textwrap
 
     figure, axes = plt.subplots(figsize=(5.5, 5.0))
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=class_names).plot(

@@ -184,7 +184,7 @@ def _build_backbone(backbone: str, input_size: int, weights) -> keras.Model:
         base = keras.applications.EfficientNetB0(
             include_top=False, weights=weights, input_shape=shape
         )
-        return keras.Model(base.inputs, base.outputs, name="backbone")
+        return keras.Model(base.input, base.output, name="backbone")
     if backbone not in _LITE_ARCHITECTURES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
     inputs = keras.Input(shape, name="backbone_input")
