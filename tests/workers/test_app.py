@@ -1,0 +1,42 @@
+"""Broker settings that fit long jobs on a shared queue."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from django.conf import settings
+
+from workers.app import app
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_jobs_are_acknowledged_late_one_at_a_time_with_time_limits():
+    conf = app.conf
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.task_time_limit == settings.CLASSIFY_TIME_LIMIT_S
+    assert 0 < conf.task_soft_time_limit < conf.task_time_limit
+    # Redis must not hand a job that is still running to a second worker.
+    assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit + 5
+
+
+def test_a_visibility_timeout_shorter_than_a_job_is_refused_at_start():
+    env = os.environ | {"CLASSIFY_TIME_LIMIT_S": "600", "CELERY_VISIBILITY_TIMEOUT_S": "300"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import workers"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "CELERY_VISIBILITY_TIMEOUT_S must exceed CLASSIFY_TIME_LIMIT_S + 5" in result.stderr
+
+
+def test_the_sweeper_is_scheduled():
+    entry = app.conf.beat_schedule["resend-stuck-images"]
+    assert entry["task"] == "workers.tasks.resend_stuck_images"
+    assert entry["schedule"] == settings.SWEEP_INTERVAL_S
