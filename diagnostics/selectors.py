@@ -24,6 +24,8 @@ from diagnostics.models import (
     Review,
     ReviewStatus,
     Site,
+    Webhook,
+    WebhookDelivery,
 )
 
 
@@ -186,3 +188,20 @@ def last_review_change(*, case_id) -> AuditEvent | None:
         .order_by("-created_at", "-id")
         .first()
     )
+
+
+# --- Webhooks --------------------------------------------------------------------------------
+
+
+def webhooks_visible_to(user) -> QuerySet[Webhook]:
+    webhooks = Webhook.objects.select_related("site")
+    if not user.is_superuser:
+        webhooks = webhooks.filter(site__memberships__user=user)
+    return webhooks.order_by("created_at", "id")
+
+
+def webhook_deliveries_visible_to(user) -> QuerySet[WebhookDelivery]:
+    deliveries = WebhookDelivery.objects.select_related("webhook", "webhook__site")
+    if not user.is_superuser:
+        deliveries = deliveries.filter(webhook__site__memberships__user=user)
+    return deliveries.order_by("-created_at", "-id")

@@ -31,10 +31,20 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "rest_framework.authtoken",
+    # OpenAPI 3 schema from the code, with Swagger UI and ReDoc served from the package
+    # itself (sidecar), so the docs work on hospital networks without a CDN.
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    # Request rate, latency and status per view for Prometheus.
+    "django_prometheus",
     "diagnostics",
 ]
 
 MIDDLEWARE = [
+    # /healthz, /readyz and /metrics answer before host checks and HTTPS redirects, so
+    # probes and Prometheus can reach a container by its internal address.
+    "diagnostics.health.OperationalEndpointsMiddleware",
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves the admin's static files from gunicorn itself (no separate web server needed).
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -46,6 +56,9 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Records the channel, IP and user agent of every audited change made by a request.
     "diagnostics.middleware.RequestOriginMiddleware",
+    # One JSON line per request, carrying the case id (see diagnostics/logging.py).
+    "diagnostics.logging.RequestLogMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "diagnostics.urls"
@@ -110,6 +123,28 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.MultiPartParser",
         "rest_framework.parsers.JSONParser",
     ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# OpenAPI (drf-spectacular): the schema at /api/schema/ is committed as docs/openapi.yaml and
+# CI fails when they differ (tests/test_openapi.py).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Brain-MRI diagnostics API",
+    "DESCRIPTION": (
+        "Upload brain MRI slices, poll the model's predictions, record the radiologist's "
+        "reading and register webhooks. Authenticate with `Authorization: Token <key>`."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "LabelEnum": "diagnostics.models.Label",
+        "StatusEnum": "diagnostics.models.Status",
+        "ReviewStatusEnum": "diagnostics.models.ReviewStatus",
+    },
 }
 
 # --- Uploads -------------------------------------------------------------------------
@@ -167,10 +202,38 @@ REVIEW_IMAGE_CACHE_S = env.int("REVIEW_IMAGE_CACHE_S", default=300)
 MODEL_DIR = env.str("MODEL_DIR", default="")
 MODEL_RUNTIME = env.str("MODEL_RUNTIME", default="auto")
 
+# --- Operations ------------------------------------------------------------------------
+# Readiness (/readyz) gives each check (database, Redis, S3) this long before it counts as down.
+READINESS_TIMEOUT_S = env.float("READINESS_TIMEOUT_S", default=3.0)
+# A worker writes this file once its model is loaded and removes it when it stops;
+# `python -m workers.health` (the compose and Kubernetes probe) checks it.
+WORKER_READY_FILE = env.str("WORKER_READY_FILE", default="/tmp/diagnostics-worker-ready")
+# Port of the worker's Prometheus endpoint (all its processes together); 0 turns it off.
+WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=9808)
+
+# --- Webhooks --------------------------------------------------------------------------
+# Attempts per delivery (exponential backoff from 10 s, capped at an hour), and the time a
+# receiver has to answer one attempt.
+WEBHOOK_MAX_ATTEMPTS = env.int("WEBHOOK_MAX_ATTEMPTS", default=8)
+WEBHOOK_TIMEOUT_S = env.float("WEBHOOK_TIMEOUT_S", default=10.0)
+WEBHOOK_BACKOFF_BASE_S = env.float("WEBHOOK_BACKOFF_BASE_S", default=10.0)
+
+# JSON lines (one object per record, with the case id when there is one) or plain text.
+LOG_FORMAT = env.str("LOG_FORMAT", default="json")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "diagnostics.logging.ContextFilter"}},
+    "formatters": {
+        "json": {"()": "diagnostics.logging.JsonFormatter"},
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [case=%(case_id)s] %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
+            "filters": ["context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
 }

@@ -6,7 +6,17 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "diagnostics.settings")
 
 from django.conf import settings  # noqa: E402  (needs DJANGO_SETTINGS_MODULE first)
 
-app = Celery("workers", include=["workers.tasks"])
+from workers import metrics  # noqa: E402
+
+# Before the task modules load prometheus_client: pool processes' metrics meet in one place.
+metrics.share_between_pool_processes()
+
+# Celery imports these before it sends any worker signal, so the handlers in workers.logs
+# (JSON logs, case ids) and workers.health (readiness) are connected in time.
+app = Celery(
+    "workers",
+    include=["workers.tasks", "workers.webhooks", "workers.logs", "workers.health"],
+)
 app.conf.update(
     broker_url=settings.CELERY_BROKER_URL,
     # No result backend: results are written to PostgreSQL by the task itself.
@@ -39,6 +49,11 @@ app.conf.update(
         "resend-stuck-images": {
             "task": "workers.tasks.resend_stuck_images",
             "schedule": settings.SWEEP_INTERVAL_S,
-        }
+        },
+        # Webhook deliveries whose job was lost (Redis down when the event happened).
+        "resend-stuck-webhooks": {
+            "task": "workers.webhooks.resend_stuck_webhooks",
+            "schedule": 60,
+        },
     },
 )

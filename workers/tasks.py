@@ -13,6 +13,7 @@ from django.db import DatabaseError  # noqa: E402
 
 from diagnostics import services  # noqa: E402
 from diagnostics.storage import StorageUnavailable  # noqa: E402
+from workers import instruments  # noqa: E402
 from workers.app import app  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -44,15 +45,18 @@ def _backoff_s(retries: int) -> int:
 @app.task(bind=True, max_retries=settings.CLASSIFY_MAX_RETRIES)
 def classify_image(self, image_id: str):
     try:
-        services.image_classify(image_id=image_id, classifier=classifier())
+        prediction = services.image_classify(image_id=image_id, classifier=classifier())
     except services.ImageBusy as busy:
         # Another worker holds a fresh claim (or died holding it): look again when it lapses.
+        instruments.job_outcome("busy")
         raise self.retry(countdown=busy.retry_in_s, max_retries=None) from busy
     except TRANSIENT_ERRORS as exc:
         if self.request.retries >= self.max_retries:
             services.image_fail(image_id, f"gave up after {self.request.retries + 1} tries: {exc}")
+            instruments.failed()
             return
         services.image_release(image_id)
+        instruments.job_outcome("retried")
         raise self.retry(exc=exc, countdown=_backoff_s(self.request.retries)) from exc
     except Exception as exc:
         # The model raised on this input: try again a bounded number of times, then fail
@@ -60,7 +64,11 @@ def classify_image(self, image_id: str):
         logger.exception("classifying image %s failed", image_id)
         cause = f"classification error: {type(exc).__name__}: {exc}"
         if services.image_attempt_failed(image_id, cause):
+            instruments.job_outcome("model_error")
             raise self.retry(countdown=_backoff_s(self.request.retries), max_retries=None) from exc
+        instruments.failed()
+    else:
+        instruments.classified(image_id, prediction)
 
 
 @app.task

@@ -1,3 +1,4 @@
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from diagnostics.models import Case, Image, Label, Prediction, Review, Status
@@ -11,6 +12,15 @@ class CaseListFilter(serializers.Serializer):
     status = serializers.ChoiceField(choices=Status.choices, required=False)
 
 
+class ModelOutput(serializers.Serializer):
+    """Which model made a prediction (only the OpenAPI schema uses this)."""
+
+    name = serializers.CharField()
+    version = serializers.CharField()
+    sha256 = serializers.CharField()
+    runtime = serializers.CharField()
+
+
 class PredictionOutput(serializers.ModelSerializer):
     model = serializers.SerializerMethodField()
 
@@ -18,6 +28,7 @@ class PredictionOutput(serializers.ModelSerializer):
         model = Prediction
         fields = ["label", "probabilities", "model", "inference_ms", "turnaround_ms", "created_at"]
 
+    @extend_schema_field(ModelOutput)
     def get_model(self, prediction):
         return {
             "name": prediction.model_name,
@@ -51,6 +62,7 @@ class ImageOutput(serializers.ModelSerializer):
             "prediction",
         ]
 
+    @extend_schema_field(PredictionOutput(allow_null=True))
     def get_prediction(self, image):
         prediction = getattr(image, "prediction", None)
         return PredictionOutput(prediction).data if prediction else None
@@ -59,7 +71,9 @@ class ImageOutput(serializers.ModelSerializer):
 class CaseReviewStateOutput(serializers.ModelSerializer):
     status = serializers.CharField(source="review_status")
     label = serializers.CharField(source="review_label")
-    assigned_to = serializers.CharField(source="assigned_to.username", default=None)
+    assigned_to = serializers.CharField(
+        source="assigned_to.username", default=None, allow_null=True
+    )
     version = serializers.IntegerField(source="review_version")
 
     class Meta:
@@ -133,7 +147,9 @@ class ReviewOutput(serializers.ModelSerializer):
     model_label = serializers.CharField(source="predicted_label", allow_null=True)
     model_confidence = serializers.FloatField(source="predicted_confidence", allow_null=True)
     needs_review = serializers.BooleanField()
-    assigned_to = serializers.CharField(source="assigned_to.username", default=None)
+    assigned_to = serializers.CharField(
+        source="assigned_to.username", default=None, allow_null=True
+    )
     version = serializers.IntegerField(source="review_version")
     readings = ReadingOutput(source="reviews", many=True)
 

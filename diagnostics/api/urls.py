@@ -1,5 +1,7 @@
 from django.urls import path
 
+# Registers the OpenAPI description of the views below with drf-spectacular.
+from diagnostics.api import schema  # noqa: F401
 from diagnostics.api.reviews import (
     CaseAssignmentApi,
     CaseClaimApi,
@@ -7,6 +9,7 @@ from diagnostics.api.reviews import (
     CaseReviewApi,
 )
 from diagnostics.api.views import CaseDetailApi, CaseListCreateApi
+from diagnostics.api.webhooks import WebhookDeliveryListApi, WebhookDetailApi, WebhookListCreateApi
 
 urlpatterns = [
     path("cases/", CaseListCreateApi.as_view(), name="case-list"),
@@ -15,4 +18,11 @@ urlpatterns = [
     path("cases/<uuid:case_id>/claim/", CaseClaimApi.as_view(), name="case-claim"),
     path("cases/<uuid:case_id>/release/", CaseReleaseApi.as_view(), name="case-release"),
     path("cases/<uuid:case_id>/assignment/", CaseAssignmentApi.as_view(), name="case-assignment"),
+    path("webhooks/", WebhookListCreateApi.as_view(), name="webhook-list"),
+    path("webhooks/<int:webhook_id>/", WebhookDetailApi.as_view(), name="webhook-detail"),
+    path(
+        "webhooks/<int:webhook_id>/deliveries/",
+        WebhookDeliveryListApi.as_view(),
+        name="webhook-deliveries",
+    ),
 ]

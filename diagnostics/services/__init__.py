@@ -30,8 +30,24 @@ from diagnostics.services.reviews import (
     roles_ensure,
     user_roles_set,
 )
+from diagnostics.services.webhooks import (
+    InvalidWebhook,
+    case_event_record,
+    deliveries_resend_stuck,
+    webhook_create,
+    webhook_delete,
+    webhook_deliver,
+    webhook_update,
+)
 
 __all__ = [
+    "InvalidWebhook",
+    "case_event_record",
+    "deliveries_resend_stuck",
+    "webhook_create",
+    "webhook_delete",
+    "webhook_deliver",
+    "webhook_update",
     "InvalidReview",
     "NotReviewable",
     "case_assign",

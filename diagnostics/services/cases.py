@@ -15,8 +15,16 @@ from django.utils import timezone
 
 from diagnostics import jobs, storage
 from diagnostics.errors import Forbidden, InvalidUpload, ServiceUnavailable
-from diagnostics.models import TERMINAL_STATUSES, Case, Image, Prediction, Site, Status
-from diagnostics.services import audit
+from diagnostics.models import (
+    TERMINAL_STATUSES,
+    Case,
+    Image,
+    Prediction,
+    Site,
+    Status,
+    WebhookEvent,
+)
+from diagnostics.services import audit, webhooks
 from diagnostics.uploads import check_image
 
 logger = logging.getLogger(__name__)
@@ -397,6 +405,9 @@ def _refresh_case_status(case_id) -> None:
         if status != case.status:
             Case.objects.filter(id=case_id).update(status=status, completed_at=completed_at)
             audit.case_status_changed(case_id=case_id, old=case.status, new=status)
+            if status in TERMINAL_STATUSES:
+                # Sent after the commit; a rolled-back change announces nothing.
+                webhooks.case_event_record(case_id=case_id, event=WebhookEvent.CASE_COMPLETED)
 
 
 def user_create(*, username: str, site: Site, password: str | None = None, is_staff=False):

@@ -14,8 +14,16 @@ from django.utils import timezone
 
 from diagnostics import selectors
 from diagnostics.errors import Conflict, DomainError, Forbidden, NotFound
-from diagnostics.models import TERMINAL_STATUSES, Case, Label, Review, ReviewStatus, Role
-from diagnostics.services import audit
+from diagnostics.models import (
+    TERMINAL_STATUSES,
+    Case,
+    Label,
+    Review,
+    ReviewStatus,
+    Role,
+    WebhookEvent,
+)
+from diagnostics.services import audit, webhooks
 
 OPEN_REVIEW_STATUSES = (ReviewStatus.UNREVIEWED, ReviewStatus.SECOND_READ)
 
@@ -160,7 +168,7 @@ def case_review(
             reason=reason,
             is_second_read=is_second_read,
         )
-        return _write(
+        reviewed = _write(
             case,
             user=user,
             version=version,
@@ -175,6 +183,10 @@ def case_review(
             },
             **fields,
         )
+        if not request_second_read:
+            # The final reading: tell the site's webhooks (sent after the commit).
+            webhooks.case_event_record(case_id=case.id, event=WebhookEvent.CASE_REVIEWED)
+        return reviewed
 
 
 # What each role may do (codenames of this app). The migration that created the groups
@@ -197,6 +209,12 @@ ROLE_PERMISSIONS = {
         "assign_case",
         "view_auditevent",
         "view_sitemembership",
+        # Their site's webhooks (migration 0006).
+        "add_webhook",
+        "view_webhook",
+        "change_webhook",
+        "delete_webhook",
+        "view_webhookdelivery",
     ],
 }
 
