@@ -144,6 +144,7 @@ SPECTACULAR_SETTINGS = {
         "LabelEnum": "diagnostics.models.Label",
         "StatusEnum": "diagnostics.models.Status",
         "ReviewStatusEnum": "diagnostics.models.ReviewStatus",
+        "WebhookEventEnum": "diagnostics.models.WebhookEvent",
     },
 }
 

@@ -14,6 +14,7 @@ from diagnostics.models import (
     Site,
     SiteMembership,
     Status,
+    Webhook,
 )
 
 
@@ -100,3 +101,13 @@ class PredictionFactory(factory.django.DjangoModelFactory):
     runtime = "keras"
     inference_ms = 5.0
     turnaround_ms = 50.0
+
+
+class WebhookFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Webhook
+
+    site = factory.SubFactory(SiteFactory)
+    url = "http://127.0.0.1:9/hooks"
+    secret = factory.Sequence(lambda n: f"{n:064x}")
+    events = factory.LazyFunction(list)
