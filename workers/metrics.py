@@ -40,6 +40,11 @@ def share_between_pool_processes(argv: list[str] = sys.argv) -> None:
         directory = tempfile.mkdtemp(prefix="diagnostics-worker-metrics-")
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
     os.environ[MULTIPROC_ENV] = directory
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:
+        # Already imported (flower's `celery` CLI plugin loads prometheus_client before the
+        # app): make the metrics created from now on (workers.instruments) multiprocess too.
+        values.ValueClass = values.get_value_class()
 
 
 class QueueDepthCollector:

@@ -99,11 +99,18 @@ def processes(tiny_model_dir, s3_bucket, tmp_path):
                 assert web.poll() is None, "gunicorn exited"
                 try:
                     return requests.get(f"{url}/api/v1/cases/", timeout=2).status_code == 401
-                except requests.ConnectionError:
+                except (requests.ConnectionError, requests.Timeout):
+                    # Not listening yet, or still loading the app on a busy machine.
                     return False
 
             wait_for(answers, timeout=30)
             return url
+
+        @staticmethod
+        def stop(process: subprocess.Popen) -> None:
+            """SIGTERM, as compose and Kubernetes stop a container; wait for the exit."""
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
 
         @staticmethod
         def kill(process: subprocess.Popen) -> None:
