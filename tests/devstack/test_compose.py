@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-APP_SERVICES = ["migrate", "web", "worker", "beat", "worker-gpu"]
-LONG_RUNNING = ["postgres", "redis", "s3", "web", "worker", "worker-gpu"]
+APP_SERVICES = ["migrate", "web", "worker", "beat", "worker-gpu", "flower"]
+LONG_RUNNING = ["postgres", "redis", "s3", "web", "worker", "worker-gpu", "flower", "prometheus"]
+# Read by Flower itself, not by the project's settings.
+FLOWER_ENV = {"FLOWER_BASIC_AUTH"}
 # What the settings need from a deployment; the local defaults would be wrong in containers.
 REQUIRED_APP_ENV = {
     "DATABASE_URL",
@@ -75,6 +77,8 @@ def test_the_stack_has_every_service(services):
         "worker",
         "beat",
         "worker-gpu",
+        "flower",
+        "prometheus",
     }
 
 
@@ -126,7 +130,7 @@ def test_app_and_web_start_only_after_migrations_succeed(services):
     migrate_dependencies = services["migrate"]["depends_on"]
     assert migrate_dependencies["postgres"]["condition"] == "service_healthy"
     assert migrate_dependencies["s3"]["condition"] == "service_healthy"
-    for name in ("web", "worker", "beat", "worker-gpu"):
+    for name in ("web", "worker", "beat", "worker-gpu", "flower"):
         condition = services[name]["depends_on"]["migrate"]["condition"]
         assert condition == "service_completed_successfully"
 
@@ -156,7 +160,8 @@ def test_python_services_set_only_variables_the_settings_read(services):
     read_by_settings = settings_env_names()
     assert REQUIRED_APP_ENV <= read_by_settings
     for name in APP_SERVICES:
-        assert set(services[name]["environment"]) <= read_by_settings, name
+        assert set(services[name]["environment"]) - FLOWER_ENV <= read_by_settings, name
+    assert set(services["flower"]["environment"]) & FLOWER_ENV == FLOWER_ENV
 
 
 def test_env_example_lists_exactly_the_variables_compose_interpolates(compose):
@@ -168,3 +173,56 @@ def test_env_example_lists_exactly_the_variables_compose_interpolates(compose):
 def test_dockerignore_keeps_local_state_and_secrets_out_of_the_image():
     ignored = set((PROJECT_ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", ".devstack", ".env"} <= ignored
+
+
+def healthcheck_text(service: dict) -> str:
+    return " ".join(service["healthcheck"]["test"])
+
+
+def test_web_is_healthy_when_ready_and_workers_once_their_model_is_loaded(services):
+    # /readyz: database with migrations, Redis and S3 (diagnostics/health.py).
+    assert "http://127.0.0.1:8000/readyz" in healthcheck_text(services["web"])
+    for name in ("worker", "worker-gpu"):
+        # The readiness file the pool process writes after loading the model (workers/health.py).
+        assert services[name]["healthcheck"]["test"] == ["CMD", "python", "-m", "workers.health"]
+
+
+def test_flower_monitors_the_workers_behind_a_login(services):
+    flower = services["flower"]
+    assert command_text(flower).startswith("celery -A workers flower --port=5555")
+    assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+    assert flower["ports"] == ["127.0.0.1:${FLOWER_PORT:-5555}:5555"]
+    assert "http://127.0.0.1:5555/healthcheck" in healthcheck_text(flower)
+
+
+def test_prometheus_scrapes_the_api_and_every_worker_where_they_serve_metrics(services):
+    from django.conf import settings
+
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    assert "./ops/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    config = yaml.safe_load((PROJECT_ROOT / "ops" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["diagnostics-api"]["static_configs"] == [{"targets": ["web:8000"]}]
+    assert "--bind=0.0.0.0:8000" in command_text(services["web"])
+    [workers] = jobs["diagnostics-workers"]["dns_sd_configs"]
+    assert workers["names"] == ["worker", "worker-gpu"]
+    assert workers["port"] == settings.WORKER_METRICS_PORT
+
+
+def test_the_grafana_dashboard_charts_metrics_the_code_exports():
+    import json
+
+    dashboard = json.loads((PROJECT_ROOT / "ops" / "grafana-dashboard.json").read_text())
+    queries = " ".join(
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    )
+    source = "".join(
+        (PROJECT_ROOT / path).read_text()
+        for path in ("workers/instruments.py", "workers/metrics.py")
+    )
+    charted = set(re.findall(r"\b(diagnostics_[a-z_]+?)(?:_total|_bucket|_count|_sum)?\b", queries))
+    assert len(charted) == 7
+    for name in charted:
+        assert f'"{name}"' in source, name
+    assert "django_http_requests_latency_seconds_by_view_method_bucket" in queries
