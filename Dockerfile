@@ -34,7 +34,7 @@ COPY --from=deps /opt/venv /opt/venv
 COPY --chown=app:app . /app
 # The admin's static files, served by whitenoise from gunicorn.
 RUN DJANGO_SECRET_KEY=collectstatic-only DJANGO_DEBUG=false S3_ACCESS_KEY_ID=- \
-    S3_SECRET_ACCESS_KEY=- python manage.py collectstatic --noinput -v0
+    S3_SECRET_ACCESS_KEY=- DICOM_PSEUDONYM_KEY=- python manage.py collectstatic --noinput -v0
 USER app
 
 FROM runtime AS gpu

@@ -373,11 +373,12 @@ class CaseAdmin(admin.ModelAdmin):
 
 
 def _image_response(image, *, thumbnail: bool) -> HttpResponse:
+    # A DICOM slice is shown through its 8-bit rendering (what the model classified).
     try:
-        data = storage.get(image.s3_key)
+        data = storage.get(image.rendering_key or image.s3_key)
     except storage.StorageUnavailable:
         return HttpResponse("object storage is unavailable", status=503)
-    content_type = image.content_type
+    content_type = "image/png" if image.rendering_key else image.content_type
     if thumbnail:
         data, content_type = _thumbnail(data), "image/jpeg"
     elif content_type not in BROWSER_IMAGE_TYPES:

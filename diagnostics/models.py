@@ -84,6 +84,9 @@ class Case(models.Model):
     # the sha256 over the sorted sha256s of its images (same bytes, same case).
     idempotency_key = models.CharField(max_length=255, blank=True)
     content_sha256 = models.CharField(max_length=64, blank=True)
+    # A DICOM study's pseudonymous StudyInstanceUID (a keyed hash of the original and the
+    # site; see diagnostics.dicom): later uploads of the same study add their slices here.
+    study_uid = models.CharField(max_length=64, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -128,6 +131,11 @@ class Case(models.Model):
                 condition=~models.Q(content_sha256=""),
                 name="case_content_unique_per_site",
             ),
+            models.UniqueConstraint(
+                fields=["site", "study_uid"],
+                condition=~models.Q(study_uid=""),
+                name="case_study_unique_per_site",
+            ),
         ]
         indexes = [
             models.Index(fields=["site", "-created_at"]),
@@ -156,8 +164,14 @@ class Image(models.Model):
     content_type = models.CharField(max_length=64)
     width = models.PositiveIntegerField()
     height = models.PositiveIntegerField()
-    # As sent by the client, for display only.
+    # As sent by the client, for display only; for DICOM a neutral name ("MR series 4 image
+    # 12.dcm"), since the uploaded one may carry the patient's name.
     original_name = models.CharField(max_length=255, blank=True)
+    # DICOM only: the 8-bit PNG rendering the model classifies and the admin shows (the
+    # de-identified DICOM itself is at `s3_key`), and the slice's pseudonymous UIDs.
+    rendering_key = models.CharField(max_length=255, blank=True)
+    series_uid = models.CharField(max_length=64, blank=True)
+    instance_uid = models.CharField(max_length=64, blank=True)
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED)
     attempts = models.PositiveSmallIntegerField(default=0)
@@ -171,6 +185,12 @@ class Image(models.Model):
         ordering = ["case", "position"]
         constraints = [
             models.UniqueConstraint(fields=["case", "position"], name="image_position_unique"),
+            # A DICOM slice is in its study's case once, however often it is uploaded.
+            models.UniqueConstraint(
+                fields=["case", "instance_uid"],
+                condition=~models.Q(instance_uid=""),
+                name="image_dicom_instance_unique",
+            ),
         ]
         indexes = [models.Index(fields=["status", "queued_at"])]
 

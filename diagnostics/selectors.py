@@ -128,7 +128,7 @@ def case_thumbnail_image_get(*, user, case_id) -> Image | None:
     return (
         Image.objects.filter(case_id=case_id, case__in=cases_visible_to(user))
         .order_by("position")
-        .only("id", "s3_key", "content_type")
+        .only("id", "s3_key", "rendering_key", "content_type")
         .first()
     )
 
@@ -136,7 +136,7 @@ def case_thumbnail_image_get(*, user, case_id) -> Image | None:
 def image_get(*, user, case_id, image_id) -> Image | None:
     return (
         Image.objects.filter(id=image_id, case_id=case_id, case__in=cases_visible_to(user))
-        .only("id", "s3_key", "content_type")
+        .only("id", "s3_key", "rendering_key", "content_type")
         .first()
     )
 

@@ -158,6 +158,14 @@ MAX_IMAGES_PER_CASE = env.int("MAX_IMAGES_PER_CASE", default=64)
 DATA_UPLOAD_MAX_NUMBER_FILES = MAX_IMAGES_PER_CASE
 # Files above this spill to a temporary file instead of memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = env.int("FILE_UPLOAD_MAX_MEMORY_SIZE", default=5 * 1024 * 1024)
+# Keys the pseudonymous UIDs of de-identified DICOM uploads (HMAC-SHA256; diagnostics.dicom).
+# A secret: whoever holds it can test a guessed original UID. Changing it splits every study
+# uploaded before from its later slices.
+DICOM_PSEUDONYM_KEY = (
+    env.str("DICOM_PSEUDONYM_KEY", default="insecure-local-development-pseudonym-key")
+    if DEBUG
+    else env.str("DICOM_PSEUDONYM_KEY")
+)
 
 # --- Object storage (S3-compatible) ----------------------------------------------------
 S3_ENDPOINT_URL = env.str("S3_ENDPOINT_URL", default="http://127.0.0.1:8333")

@@ -1,5 +1,5 @@
-"""Validate an uploaded slice by decoding it with Pillow; the file name and the declared
-content type are never trusted."""
+"""Validate an uploaded slice by decoding it (Pillow, or pydicom for DICOM files); the file
+name and the declared content type are never trusted."""
 
 import hashlib
 import warnings
@@ -10,6 +10,8 @@ from django.conf import settings
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
+from diagnostics import dicom
+from diagnostics.dicom import DicomSlice
 from diagnostics.errors import InvalidUpload, UploadTooLarge
 
 # Formats the model's loader decodes the same way as here.
@@ -24,9 +26,15 @@ class CheckedImage:
     width: int
     height: int
     original_name: str
+    # Set for a DICOM upload: then `data` is the de-identified file, `original_name` a
+    # neutral name (the uploaded one may carry the patient's), and this has the rest.
+    dicom: DicomSlice | None = None
 
 
-def check_image(data: bytes, original_name: str) -> CheckedImage:
+def check_image(data: bytes, original_name: str, *, pseudonym_scope: str = "") -> CheckedImage:
+    """Decode the upload and return what may be stored. A DICOM file (recognised by its
+    content) is checked, rendered and de-identified here, before anything is stored;
+    `pseudonym_scope` (the site) keys its pseudonymous UIDs."""
     label = f"'{original_name}'" if original_name else "the file"
     if not data:
         raise InvalidUpload(f"{label} is empty")
@@ -34,6 +42,8 @@ def check_image(data: bytes, original_name: str) -> CheckedImage:
         raise UploadTooLarge(
             f"{label} is {len(data)} bytes; the limit is {settings.MAX_IMAGE_BYTES} bytes"
         )
+    if dicom.is_dicom(data):
+        return _checked_dicom(data, label=label, pseudonym_scope=pseudonym_scope)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
@@ -74,6 +84,19 @@ def check_image(data: bytes, original_name: str) -> CheckedImage:
         width=width,
         height=height,
         original_name=original_name,
+    )
+
+
+def _checked_dicom(data: bytes, *, label: str, pseudonym_scope: str) -> CheckedImage:
+    slice_ = dicom.read_slice(data, label=label, pseudonym_scope=pseudonym_scope)
+    return CheckedImage(
+        data=slice_.data,
+        sha256=hashlib.sha256(slice_.data).hexdigest(),
+        content_type=dicom.CONTENT_TYPE,
+        width=slice_.width,
+        height=slice_.height,
+        original_name=slice_.display_name,
+        dicom=slice_,
     )
 
 

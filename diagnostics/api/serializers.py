@@ -1,6 +1,7 @@
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from diagnostics.dicom import CONTENT_TYPE as DICOM_CONTENT_TYPE
 from diagnostics.models import Case, Image, Label, Prediction, Review, Status
 
 
@@ -40,6 +41,9 @@ class PredictionOutput(serializers.ModelSerializer):
 
 class ImageOutput(serializers.ModelSerializer):
     prediction = serializers.SerializerMethodField()
+    # "dicom": a de-identified DICOM slice (with pseudonymous series and instance UIDs);
+    # "image": any other accepted image.
+    format = serializers.SerializerMethodField()
 
     class Meta:
         model = Image
@@ -47,11 +51,14 @@ class ImageOutput(serializers.ModelSerializer):
             "id",
             "position",
             "original_name",
+            "format",
             "content_type",
             "size_bytes",
             "width",
             "height",
             "sha256",
+            "series_uid",
+            "instance_uid",
             "status",
             "attempts",
             "error",
@@ -61,6 +68,10 @@ class ImageOutput(serializers.ModelSerializer):
             "finished_at",
             "prediction",
         ]
+
+    @extend_schema_field(serializers.ChoiceField(choices=["dicom", "image"]))
+    def get_format(self, image) -> str:
+        return "dicom" if image.content_type == DICOM_CONTENT_TYPE else "image"
 
     @extend_schema_field(PredictionOutput(allow_null=True))
     def get_prediction(self, image):
@@ -93,6 +104,7 @@ class CaseOutput(serializers.ModelSerializer):
             "id",
             "url",
             "reference",
+            "study_uid",
             "status",
             "created_at",
             "updated_at",

@@ -4,6 +4,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 # Registers the OpenAPI description of the views below with drf-spectacular.
 from diagnostics.api import schema  # noqa: F401
+from diagnostics.api.fhir import CaseFhirApi
 from diagnostics.api.reviews import (
     CaseAssignmentApi,
     CaseClaimApi,
@@ -26,6 +27,7 @@ urlpatterns = [
     path("cases/<uuid:case_id>/claim/", CaseClaimApi.as_view(), name="case-claim"),
     path("cases/<uuid:case_id>/release/", CaseReleaseApi.as_view(), name="case-release"),
     path("cases/<uuid:case_id>/assignment/", CaseAssignmentApi.as_view(), name="case-assignment"),
+    path("cases/<uuid:case_id>/fhir/", CaseFhirApi.as_view(), name="case-fhir"),
     path("webhooks/", WebhookListCreateApi.as_view(), name="webhook-list"),
     path("webhooks/<int:webhook_id>/", WebhookDetailApi.as_view(), name="webhook-detail"),
     path(

@@ -117,6 +117,19 @@ def case_created(*, case, images, actor) -> AuditEvent:
     )
 
 
+def case_images_added(*, case, images, actor) -> AuditEvent:
+    """More slices of a DICOM study joined the study's case."""
+    return record(
+        action="case.images_added",
+        object_type="case",
+        object_id=case.id,
+        case_id=case.id,
+        site_id=case.site_id,
+        actor=actor,
+        changes={"images": [None, [image.original_name for image in images]]},
+    )
+
+
 def case_status_changed(*, case_id, old: str, new: str) -> AuditEvent:
     return record(
         action="case.status_changed",

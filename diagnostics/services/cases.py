@@ -14,18 +14,19 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from diagnostics import jobs, storage
-from diagnostics.errors import Forbidden, InvalidUpload, ServiceUnavailable
+from diagnostics.errors import Conflict, Forbidden, InvalidUpload, ServiceUnavailable
 from diagnostics.models import (
     TERMINAL_STATUSES,
     Case,
     Image,
     Prediction,
+    ReviewStatus,
     Site,
     Status,
     WebhookEvent,
 )
 from diagnostics.services import audit, webhooks
-from diagnostics.uploads import check_image
+from diagnostics.uploads import CheckedImage, check_image
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ class IdempotencyKeyReused(InvalidUpload):
     code = "idempotency_key_reused"
 
 
+class StudyReviewed(Conflict):
+    code = "study_reviewed"
+
+
 def case_create(
     *, user, uploads: list[tuple[str, bytes]], reference: str = "", idempotency_key: str = ""
 ) -> tuple[Case, bool]:
@@ -63,6 +68,11 @@ def case_create(
 
     A repeated upload (the same Idempotency-Key, or the same image bytes) returns the
     site's existing case instead of a second one, also when both arrive at once.
+
+    DICOM slices are de-identified before anything is stored, and one study is one case:
+    slices of a study the site already has a case for are added to that case (True when
+    any slice was new; slices it already holds are skipped), also when two uploads of a
+    new study arrive at once.
     """
     site = site_for(user)
     if not user.has_perm("diagnostics.add_case"):
@@ -73,11 +83,19 @@ def case_create(
         raise InvalidUpload(
             f"{len(uploads)} images in one case; the limit is {settings.MAX_IMAGES_PER_CASE}"
         )
-    checked = [check_image(data, name) for name, data in uploads]
+    checked = [
+        check_image(data, name, pseudonym_scope=_pseudonym_scope(site)) for name, data in uploads
+    ]
+    study_uid = _one_study(checked)
+    checked = _without_repeated_slices(checked)
     content_sha256 = hashlib.sha256("".join(sorted(c.sha256 for c in checked)).encode()).hexdigest()
     existing = _case_duplicate(site, idempotency_key, content_sha256)
     if existing is not None:
         return existing, False
+    if study_uid:
+        study_case = Case.objects.filter(site=site, study_uid=study_uid).first()
+        if study_case is not None:
+            return _study_slices_add(study_case, checked, user=user)
 
     case = Case(
         id=uuid.uuid4(),
@@ -86,30 +104,13 @@ def case_create(
         reference=reference,
         idempotency_key=idempotency_key,
         content_sha256=content_sha256,
+        study_uid=study_uid,
     )
-    images = []
-    for position, item in enumerate(checked):
-        image_id = uuid.uuid4()
-        images.append(
-            Image(
-                id=image_id,
-                case=case,
-                position=position,
-                s3_key=f"scans/{case.id}/{image_id}",
-                sha256=item.sha256,
-                size_bytes=len(item.data),
-                content_type=item.content_type,
-                width=item.width,
-                height=item.height,
-                original_name=item.original_name[:255],
-            )
-        )
+    images = _images_new(case, checked, first_position=0)
 
     stored_keys: list[str] = []
     try:
-        for image, item in zip(images, checked, strict=True):
-            storage.put(image.s3_key, item.data, content_type=item.content_type, sha256=item.sha256)
-            stored_keys.append(image.s3_key)
+        _objects_store(images, checked, stored_keys)
         with transaction.atomic():
             case.save(force_insert=True)
             Image.objects.bulk_create(images)
@@ -126,9 +127,13 @@ def case_create(
         # The same upload committed first in a concurrent request: answer with that one.
         _discard_objects(stored_keys)
         existing = _case_duplicate(site, idempotency_key, content_sha256)
-        if existing is None:
+        if existing is not None:
+            return existing, False
+        # Another upload of the same DICOM study created its case first: join it.
+        study_case = study_uid and Case.objects.filter(site=site, study_uid=study_uid).first()
+        if not study_case:
             raise
-        return existing, False
+        return _study_slices_add(study_case, checked, user=user)
     except DatabaseError as exc:
         _discard_objects(stored_keys)
         logger.warning("upload refused, database unavailable: %s", exc)
@@ -136,6 +141,139 @@ def case_create(
             "the database is unavailable; nothing was stored, retry later"
         ) from exc
     return case, True
+
+
+def _pseudonym_scope(site: Site) -> str:
+    # The site is part of every pseudonymous DICOM UID: two sites never share one.
+    return f"site:{site.id}"
+
+
+def _one_study(checked: list[CheckedImage]) -> str:
+    """The pseudonymous study UID of a DICOM upload ("" for other images). An upload is one
+    case, so it holds one study's slices, and DICOM is not mixed with other images."""
+    studies = {item.dicom.study_uid for item in checked if item.dicom is not None}
+    if not studies:
+        return ""
+    if any(item.dicom is None for item in checked):
+        raise InvalidUpload(
+            "DICOM files and other images cannot be mixed in one upload; send them separately"
+        )
+    if len(studies) > 1:
+        raise InvalidUpload(
+            f"the DICOM files belong to {len(studies)} different studies; "
+            "upload one study per request"
+        )
+    return studies.pop()
+
+
+def _without_repeated_slices(checked: list[CheckedImage]) -> list[CheckedImage]:
+    """The upload without a DICOM slice sent twice in it (same SOP Instance UID)."""
+    seen: set[str] = set()
+    kept = []
+    for item in checked:
+        if item.dicom is not None:
+            if item.dicom.instance_uid in seen:
+                continue
+            seen.add(item.dicom.instance_uid)
+        kept.append(item)
+    return kept
+
+
+def _images_new(case: Case, checked: list[CheckedImage], *, first_position: int) -> list[Image]:
+    images = []
+    for position, item in enumerate(checked, start=first_position):
+        image_id = uuid.uuid4()
+        images.append(
+            Image(
+                id=image_id,
+                case=case,
+                position=position,
+                s3_key=f"scans/{case.id}/{image_id}",
+                sha256=item.sha256,
+                size_bytes=len(item.data),
+                content_type=item.content_type,
+                width=item.width,
+                height=item.height,
+                original_name=item.original_name[:255],
+                rendering_key=f"scans/{case.id}/{image_id}.png" if item.dicom else "",
+                series_uid=item.dicom.series_uid if item.dicom else "",
+                instance_uid=item.dicom.instance_uid if item.dicom else "",
+            )
+        )
+    return images
+
+
+def _objects_store(images: list[Image], checked: list[CheckedImage], stored_keys: list) -> None:
+    """Write each slice (and a DICOM slice's 8-bit rendering) to S3, appending every key
+    written to `stored_keys`, so the caller can delete them if anything fails later."""
+    for image, item in zip(images, checked, strict=True):
+        storage.put(image.s3_key, item.data, content_type=item.content_type, sha256=item.sha256)
+        stored_keys.append(image.s3_key)
+        if item.dicom is not None:
+            rendering = item.dicom.rendering
+            storage.put(
+                image.rendering_key,
+                rendering,
+                content_type="image/png",
+                sha256=hashlib.sha256(rendering).hexdigest(),
+            )
+            stored_keys.append(image.rendering_key)
+
+
+def _study_slices_add(case: Case, checked: list[CheckedImage], *, user) -> tuple[Case, bool]:
+    """Add the slices of a DICOM study to the case the site already has for it; True when
+    any was new. A slice the case holds already is skipped (an upload repeated, or a slice
+    sent again with others); a reviewed case's slices no longer change."""
+    held = set(case.images.values_list("instance_uid", flat=True))
+    new = [item for item in checked if item.dicom.instance_uid not in held]
+    if not new:
+        return case, False
+    if case.review_status in (ReviewStatus.CONFIRMED, ReviewStatus.OVERRIDDEN):
+        raise StudyReviewed(
+            f"this DICOM study's case {case.id} has been reviewed already, so no slices can "
+            f"be added to it; {len(new)} of the uploaded slices are not in it"
+        )
+    # Positions are given under the case's lock below; keys need none.
+    images = _images_new(case, new, first_position=0)
+    stored_keys: list[str] = []
+    try:
+        _objects_store(images, new, stored_keys)
+        with transaction.atomic():
+            locked = Case.objects.select_for_update().get(id=case.id)
+            if locked.review_status in (ReviewStatus.CONFIRMED, ReviewStatus.OVERRIDDEN):
+                raise StudyReviewed(
+                    f"this DICOM study's case {case.id} was reviewed while the slices were "
+                    "uploaded, so they were not added"
+                )
+            held = set(locked.images.values_list("instance_uid", flat=True))
+            images = [image for image in images if image.instance_uid not in held]
+            next_position = max(locked.images.values_list("position", flat=True), default=-1) + 1
+            for offset, image in enumerate(images):
+                image.position = next_position + offset
+            Image.objects.bulk_create(images)
+            if images:
+                audit.case_images_added(case=locked, images=images, actor=user)
+                _refresh_case_status(case.id)
+                image_ids = [image.id for image in images]
+                transaction.on_commit(lambda: enqueue_images(image_ids))
+        kept = {image.s3_key for image in images} | {image.rendering_key for image in images}
+        _discard_objects([key for key in stored_keys if key not in kept])
+    except storage.StorageUnavailable as exc:
+        _discard_objects(stored_keys)
+        logger.warning("upload refused, object storage unavailable: %s", exc)
+        raise ServiceUnavailable(
+            "object storage is unavailable; nothing was stored, retry later"
+        ) from exc
+    except StudyReviewed:
+        _discard_objects(stored_keys)
+        raise
+    except DatabaseError as exc:
+        _discard_objects(stored_keys)
+        logger.warning("upload refused, database unavailable: %s", exc)
+        raise ServiceUnavailable(
+            "the database is unavailable; nothing was stored, retry later"
+        ) from exc
+    return Case.objects.get(id=case.id), bool(images)
 
 
 def _case_duplicate(site, idempotency_key: str, content_sha256: str) -> Case | None:
@@ -340,7 +478,8 @@ def image_classify(*, image_id, classifier) -> Prediction | None:
         raise ImageBusy(claim.retry_in_s)
     if claim.image is None:
         return None
-    data = storage.get(claim.image.s3_key)
+    # A DICOM slice is classified from its 8-bit rendering, like any other upload's image.
+    data = storage.get(claim.image.rendering_key or claim.image.s3_key)
     started = time.perf_counter()
     try:
         [result] = classifier.predict([data])

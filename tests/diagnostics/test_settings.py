@@ -13,11 +13,12 @@ PRODUCTION = {
     "DJANGO_ALLOWED_HOSTS": "mri.example.org",
     "S3_ACCESS_KEY_ID": "key",
     "S3_SECRET_ACCESS_KEY": "secret",
+    "DICOM_PSEUDONYM_KEY": secrets.token_urlsafe(50),
 }
 
 
 def manage(*args, env):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "S3_"))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "S3_", "DICOM_"))}
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=REPO_ROOT,
@@ -34,7 +35,12 @@ def test_deploy_check_is_clean_with_production_settings():
 
 
 def test_production_refuses_to_start_without_its_secrets():
-    for secret in ("DJANGO_SECRET_KEY", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"):
+    for secret in (
+        "DJANGO_SECRET_KEY",
+        "S3_ACCESS_KEY_ID",
+        "S3_SECRET_ACCESS_KEY",
+        "DICOM_PSEUDONYM_KEY",
+    ):
         env = {k: v for k, v in PRODUCTION.items() if k != secret}
         result = manage("check", env=env)
         assert result.returncode != 0

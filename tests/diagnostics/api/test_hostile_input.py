@@ -13,6 +13,7 @@ from rest_framework.test import APIClient
 
 from diagnostics import services, storage
 from diagnostics.models import Case, Image, Status
+from tests.dicoms import bundled
 from tests.factories import UserFactory, token_for
 from tests.images import image_bytes
 
@@ -142,13 +143,38 @@ REFUSED_FILES = [
     ("heic", "photo.heic", HEIC, "image/heic", 400, "'photo.heic' is not a readable image"),
     ("svg", "vector.svg", SVG, "image/svg+xml", 400, "'vector.svg' is not a readable image"),
     ("pdf", "report.pdf", PDF, "application/pdf", 400, "'report.pdf' is not a readable image"),
+    # DICOM is recognised by its content and refused with a DICOM reason (diagnostics.dicom).
     (
-        "dicom-not-yet",
+        "dicom-header-only",
         "slice.dcm",
         DICOM,
         "application/dicom",
         400,
-        "'slice.dcm' is not a readable image",
+        "'slice.dcm' is a DICOM file without a modality; only MR slices are accepted",
+    ),
+    (
+        "dicom-unknown-value-representation",
+        "slice.dcm",
+        bundled("MR_small.dcm").replace(b"\x10\x00\x10\x00PN", b"\x10\x00\x10\x00XX", 1),
+        "application/dicom",
+        400,
+        "'slice.dcm' is not a readable DICOM file (NotImplementedError)",
+    ),
+    (
+        "dicom-ct",
+        "head.dcm",
+        bundled("CT_small.dcm"),
+        "application/dicom",
+        400,
+        "'head.dcm' is a CT DICOM; only MR slices are accepted",
+    ),
+    (
+        "dicom-truncated-pixels",
+        "cut.dcm",
+        bundled("MR_truncated.dcm"),
+        "application/octet-stream",
+        400,
+        "'cut.dcm': the DICOM pixel data could not be decoded",
     ),
     (
         "ico",
