@@ -66,6 +66,7 @@ def loaded_size(browser, image) -> tuple[int, int]:
 
 def test_a_radiologist_reviews_a_case_in_the_admin(browser, live_server, s3_bucket):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     radiologist = RadiologistFactory(username="alice")
     radiologist.set_password("correct horse battery")
@@ -78,6 +79,9 @@ def test_a_radiologist_reviews_a_case_in_the_admin(browser, live_server, s3_buck
     browser.find_element(By.NAME, "username").send_keys("alice")
     browser.find_element(By.NAME, "password").send_keys("correct horse battery")
     browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    # Wait for the login to land: on a busy machine the next page was requested before the
+    # session existed, and the worklist redirected to the login page.
+    WebDriverWait(browser, 20).until(lambda driver: "/login/" not in driver.current_url)
 
     browser.get(f"{live_server.url}/admin/diagnostics/case/")
     row = browser.find_element(By.CSS_SELECTOR, "#result_list tbody tr")
