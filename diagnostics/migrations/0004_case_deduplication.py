@@ -5,29 +5,36 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('diagnostics', '0003_roles_and_append_only_audit'),
+        ("diagnostics", "0003_roles_and_append_only_audit"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='case',
-            name='content_sha256',
+            model_name="case",
+            name="content_sha256",
             field=models.CharField(blank=True, max_length=64),
         ),
         migrations.AddField(
-            model_name='case',
-            name='idempotency_key',
+            model_name="case",
+            name="idempotency_key",
             field=models.CharField(blank=True, max_length=255),
         ),
         migrations.AddConstraint(
-            model_name='case',
-            constraint=models.UniqueConstraint(condition=models.Q(('idempotency_key', ''), _negated=True), fields=('site', 'idempotency_key'), name='case_idempotency_key_unique_per_site'),
+            model_name="case",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("idempotency_key", ""), _negated=True),
+                fields=("site", "idempotency_key"),
+                name="case_idempotency_key_unique_per_site",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='case',
-            constraint=models.UniqueConstraint(condition=models.Q(('content_sha256', ''), _negated=True), fields=('site', 'content_sha256'), name='case_content_unique_per_site'),
+            model_name="case",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("content_sha256", ""), _negated=True),
+                fields=("site", "content_sha256"),
+                name="case_content_unique_per_site",
+            ),
         ),
     ]
