@@ -1,0 +1,226 @@
+"""Runtime benchmark: the shipped model in every runtime, side by side in one run.
+
+    .venv/bin/python bench/runtime.py                      # writes bench/results/runtime.json + .md
+    PYTHONPATH=/tmp/onnx-site .venv/bin/python bench/runtime.py   # with ONNX Runtime (see below)
+
+Each runtime runs in its own subprocess, so its imports, load time and peak RSS are its
+own: Keras model.predict, a Keras direct call, a tf.function (input signature with a free
+batch dimension: the GPU path), LiteRT and ONNX Runtime at 1 and 2 threads. Per runtime:
+cold start (process start -> first output, imports included), images/s at batch 1/8/32
+on decoded inputs (model only), images/s at batch 1 from JPEG bytes (decode + resize +
+model: what a worker does), and peak RSS.
+
+ONNX Runtime is optional: the ONNX file is converted from model.tflite with tf2onnx into
+cache/bench/ on first use. Neither package is in requirements (TensorFlow 2.21's protobuf
+pins clash with tf2onnx's); install them beside the venv:
+    .venv/bin/pip install --no-deps --target /tmp/onnx-site onnxruntime tf2onnx onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROCESS_STARTED = time.perf_counter()
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RUNTIMES = [
+    "keras_predict",
+    "keras_call",
+    "tf_function",
+    "litert:1",
+    "litert:2",
+    "onnxruntime:1",
+    "onnxruntime:2",
+]
+ONNX_PATH = REPO / "cache" / "bench" / "model.onnx"
+
+
+def _model_dir() -> Path:
+    from ml.inference import default_model_dir
+
+    return default_model_dir()
+
+
+def onnx_model(tflite: Path) -> Path:
+    if not ONNX_PATH.is_file():
+        ONNX_PATH.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "tf2onnx.convert", "--tflite", str(tflite)]
+            + ["--output", str(ONNX_PATH), "--opset", "17"],
+            check=True,
+            capture_output=True,
+        )
+    return ONNX_PATH
+
+
+def make_runner(spec: str, model_dir: Path):
+    """-> callable float32 NHWC batch -> probabilities; imports only what it needs."""
+    name, _, threads = spec.partition(":")
+    if name in ("keras_predict", "keras_call", "tf_function"):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import keras
+
+        model = keras.saving.load_model(model_dir / "model.keras", compile=False)
+        if name == "keras_predict":
+            return lambda batch: model.predict(batch, verbose=0, batch_size=len(batch))
+        if name == "keras_call":
+            return lambda batch: model(batch, training=False).numpy()
+        import tensorflow as tf
+
+        size = model.input_shape[1]
+        signature = [tf.TensorSpec([None, size, size, 3], tf.float32)]
+        compiled = tf.function(
+            lambda batch: model(batch, training=False), input_signature=signature
+        )
+        return lambda batch: compiled(batch).numpy()
+    if name == "litert":
+        from ml.inference import _LiteRTRunner
+
+        return _LiteRTRunner(model_dir / "model.tflite", int(threads))
+    if name == "onnxruntime":
+        path = onnx_model(model_dir / "model.tflite")
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+        input_name = session.get_inputs()[0].name
+        return lambda batch: session.run(None, {input_name: batch})[0]
+    raise ValueError(spec)
+
+
+def throughput(call, make_input, images_per_call: int, seconds: float) -> float:
+    call(make_input())  # a warm-up call per shape (allocation, tracing)
+    calls, started = 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - started < seconds:
+        call(make_input())
+        calls += 1
+    return calls * images_per_call / (time.perf_counter() - started)
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def child(spec: str, batches: list[int], seconds: float) -> dict:
+    import numpy as np
+
+    from bench.scans import mri_like_jpeg
+    from ml.data import decode_batch
+
+    model_dir = _model_dir()
+    size = json.loads((model_dir / "model.json").read_text())["input_size"]
+    jpegs = [mri_like_jpeg(index) for index in range(max(batches))]
+    run = make_runner(spec, model_dir)
+    loaded_s = time.perf_counter() - PROCESS_STARTED
+    first = run(decode_batch(jpegs[:1], size))
+    first_result_s = time.perf_counter() - PROCESS_STARTED
+    decoded = decode_batch(jpegs, size)
+    result = {
+        "runtime": spec,
+        "load_s": round(loaded_s, 3),
+        "cold_start_to_first_result_s": round(first_result_s, 3),
+        "output_shape": list(np.asarray(first).shape),
+        "images_per_s": {},
+    }
+    counter = iter(range(10**9))
+    # Batch 1 from JPEG first, so the peak RSS so far is that of a batch-1 worker.
+    result["images_per_s_from_jpeg_batch_1"] = round(
+        throughput(
+            run,
+            lambda: decode_batch([jpegs[next(counter) % len(jpegs)]], size),
+            1,
+            seconds,
+        ),
+        2,
+    )
+    for batch in batches:
+        result["images_per_s"][str(batch)] = round(
+            throughput(run, lambda b=batch: decoded[:b], batch, seconds), 2
+        )
+        if batch == 1:
+            result["peak_rss_mb_batch_1"] = _peak_rss_mb()
+    result["peak_rss_mb"] = _peak_rss_mb()
+    result["tensorflow_imported"] = "tensorflow" in sys.modules
+    return result
+
+
+def markdown(report: dict) -> str:
+    batches = report["batches"]
+    head = ["runtime", "cold start s"] + [f"img/s b{b}" for b in batches]
+    head += ["img/s from JPEG b1", "peak RSS MB b1", "peak RSS MB all", "imports TF"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report["results"]:
+        if "skipped" in row:
+            lines.append(f"| {row['runtime']} | skipped: {row['skipped']} |")
+            continue
+        cells = [row["runtime"], f"{row['cold_start_to_first_result_s']:.2f}"]
+        cells += [f"{row['images_per_s'][str(b)]:.1f}" for b in batches]
+        cells += [
+            f"{row['images_per_s_from_jpeg_batch_1']:.1f}",
+            f"{row.get('peak_rss_mb_batch_1', 0):.0f}",
+            f"{row['peak_rss_mb']:.0f}",
+            "yes" if row["tensorflow_imported"] else "no",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict:
+    load = os.getloadavg()
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(value, 2) for value in load],
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES))
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "runtime"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.child:
+        print(json.dumps(child(args.child, batches, args.seconds)))
+        return
+    report = {"machine": machine(), "batches": batches, "seconds_per_point": args.seconds}
+    report["results"] = []
+    for spec in args.runtimes.split(","):
+        print(f"runtime {spec} ...", file=sys.stderr, flush=True)
+        command = [sys.executable, __file__, "--child", spec]
+        command += ["--batches", args.batches, "--seconds", str(args.seconds)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        if done.returncode != 0:
+            reason = (done.stderr.strip().splitlines() or ["failed"])[-1][:160]
+            row = {"runtime": spec, "skipped": reason}
+        else:
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        report["results"].append(row)
+    report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
