@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,13 @@ __all__ = [
     "load_classifier",
 ]
 
-RUNTIMES = ("auto", "litert", "keras")
+# "keras_predict" is the naive way (Keras model.predict per call), kept as the baseline
+# that bench/worker.py measures our worker against; never faster than "keras".
+# "tf_gpu" is TensorFlow with batched calls (MicroBatcher), what "auto" picks on a GPU node.
+RUNTIMES = ("auto", "litert", "keras", "keras_predict", "tf_gpu")
+# GPU micro-batching: how many waiting jobs share a call, and how long the first waits.
+GPU_MAX_BATCH = int(os.environ.get("ML_GPU_MAX_BATCH", "32"))
+GPU_MAX_WAIT_S = float(os.environ.get("ML_GPU_MAX_WAIT_MS", "5")) / 1000
 BATCH_SIZE = 32
 
 
@@ -80,13 +87,101 @@ class _LiteRTRunner:
             return np.array(self._interpreter.get_tensor(self._output))
 
 
-class _KerasRunner:
+class MicroBatcher:
+    """Run single-image calls from many threads as batches: the first caller waits up to
+    `max_wait_s` for others (or until `max_batch` are waiting), then one call runs them all.
+
+    This is the GPU path: a GPU classifies 32 images in about the time of one, so jobs a
+    threads-pool worker holds at once share one call. On CPU, LiteRT measured slower per
+    image at batch 8/32 than at batch 1 (bench/results/runtime.md), so CPU workers use
+    max_batch 1, which calls the runner directly.
+    """
+
+    def __init__(self, run, max_batch: int, max_wait_s: float):
+        self._run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+        self._condition = threading.Condition()
+        self._waiting: list[list] = []  # [input row, output row or None, error or None]
+        self._running = threading.Lock()
+        self.batch_sizes: list[int] = []  # every batch run, for tests and metrics
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.max_batch <= 1 or len(batch) != 1:
+            return self._run(batch)
+        entry = [batch[0], None, None]
+        with self._condition:
+            self._waiting.append(entry)
+            self._condition.notify_all()
+        # Whoever holds the runner takes every waiting row; the others wait for theirs.
+        with self._running:
+            if entry[1] is None and entry[2] is None:
+                self._gather_and_run()
+        if entry[2] is not None:
+            raise entry[2]
+        return entry[1][np.newaxis]
+
+    def _gather_and_run(self) -> None:
+        deadline = time.monotonic() + self.max_wait_s
+        with self._condition:
+            while len(self._waiting) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._condition.wait(left):
+                    break
+            taken, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
+        self.batch_sizes.append(len(taken))
+        try:
+            outputs = self._run(np.stack([entry[0] for entry in taken]))
+        except Exception as error:  # every caller in the batch gets the model's error
+            for entry in taken:
+                entry[2] = error
+            return
+        for entry, row in zip(taken, outputs, strict=True):
+            entry[1] = row
+
+
+def gpu_devices() -> list[str]:
+    """NVIDIA devices this process may use, found without importing TensorFlow (a CPU
+    worker must not pay its import): /dev/nvidiaN, narrowed by CUDA_VISIBLE_DEVICES."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return []
+    return sorted(str(path) for path in Path("/dev").glob("nvidia[0-9]*"))
+
+
+def choose_runtime(has_tflite: bool, litert_available: bool, devices: list[str]) -> str:
+    """auto: TensorFlow batched on a GPU node; LiteRT on CPU (fastest measured on CPU,
+    bench/results/runtime.md); Keras when the artifact has no TFLite file."""
+    if devices:
+        return "tf_gpu"
+    return "litert" if has_tflite and litert_available else "keras"
+
+
+class _TFFunctionRunner:
+    """The GPU path: one compiled graph with a free batch dimension (no retracing per
+    batch size), placed on the GPU by TensorFlow."""
+
     def __init__(self, path: Path):
+        import keras
+        import tensorflow as tf
+
+        model = keras.saving.load_model(path, compile=False)
+        size = model.input_shape[1]
+        signature = [tf.TensorSpec([None, size, size, 3], tf.float32)]
+        self._call = tf.function(lambda x: model(x, training=False), input_signature=signature)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._call(batch).numpy()
+
+
+class _KerasRunner:
+    def __init__(self, path: Path, use_predict: bool = False):
         import keras
 
         self._model = keras.saving.load_model(path, compile=False)
+        self._use_predict = use_predict
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self._use_predict:
+            return np.asarray(self._model.predict(batch, verbose=0, batch_size=len(batch)))
         # Calling the model directly avoids model.predict's per-call overhead.
         return np.asarray(self._model(batch, training=False))
 
@@ -97,7 +192,7 @@ class Classifier:
     version: str
     sha256: str  # of the model file this runtime loaded (model.tflite or model.keras)
     input_size: int
-    runtime: str  # "litert" or "keras"
+    runtime: str  # "litert", "keras", "keras_predict" or "tf_gpu"
     class_names: tuple[str, ...]
     model_dir: Path
     metadata: dict = field(repr=False)
@@ -111,6 +206,11 @@ class Classifier:
         ]
         probabilities = np.concatenate(outputs).astype(np.float64)
         return probabilities / probabilities.sum(axis=1, keepdims=True)
+
+    def warm_up(self) -> None:
+        """One call on a blank image: allocates the runtime's tensors (and traces the
+        graph on TensorFlow), so the first real job does not pay for it."""
+        self.predict_batch(np.zeros((1, self.input_size, self.input_size, 3), np.float32))
 
     def predict(self, images: Sequence[bytes]) -> list[Prediction]:
         """Classify encoded images (JPEG, PNG, ...). Raises UnreadableImage for bad bytes."""
@@ -148,7 +248,7 @@ def load_classifier(model_dir: str | Path | None = None, runtime: str = "auto") 
     files = metadata.get("files", {})
     if runtime == "auto":
         has_tflite = "model.tflite" in files and (folder / "model.tflite").is_file()
-        runtime = "litert" if has_tflite and _litert_available() else "keras"
+        runtime = choose_runtime(has_tflite, _litert_available(), gpu_devices())
     filename = "model.tflite" if runtime == "litert" else "model.keras"
     path = folder / filename
     if not path.is_file() or filename not in files:
@@ -160,7 +260,12 @@ def load_classifier(model_dir: str | Path | None = None, runtime: str = "auto") 
             f"{files[filename]['sha256'][:12]}...): a corrupt copy or a Git LFS pointer?"
         )
     threads = int(os.environ.get("ML_NUM_THREADS", min(4, os.cpu_count() or 1)))
-    run = _LiteRTRunner(path, threads) if runtime == "litert" else _KerasRunner(path)
+    if runtime == "litert":
+        run = _LiteRTRunner(path, threads)
+    elif runtime == "tf_gpu":
+        run = MicroBatcher(_TFFunctionRunner(path), GPU_MAX_BATCH, GPU_MAX_WAIT_S)
+    else:
+        run = _KerasRunner(path, use_predict=runtime == "keras_predict")
     return Classifier(
         name=metadata["name"],
         version=str(metadata["version"]),

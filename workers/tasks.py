@@ -34,7 +34,9 @@ def classifier():
 
 @worker_process_init.connect
 def _load_model_before_taking_jobs(**_):
-    classifier()
+    # Warm up too: the first call allocates the runtime's tensors (LiteRT) or traces the
+    # graph (TensorFlow), which would otherwise land on the first job's latency.
+    classifier().warm_up()
 
 
 def _backoff_s(retries: int) -> int:
