@@ -348,20 +348,22 @@ def image_claim(image_id) -> Claim:
         processing_started_at__lt=ExpressionWrapper(Now() - _lease(), output_field=DateTimeField()),
     )
     with transaction.atomic():
-        worn_out = Image.objects.filter(
-            abandoned, id=image_id, attempts__gte=settings.CLASSIFY_MAX_ATTEMPTS
-        ).update(
-            status=Status.FAILED,
-            finished_at=Now(),
-            error=f"a worker stopped while classifying this image "
-            f"{settings.CLASSIFY_MAX_ATTEMPTS} times; the image may crash the model",
-        )
-        claimed = 0
-        if not worn_out:
-            claimed = Image.objects.filter(
-                Q(status__in=[Status.RECEIVED, Status.QUEUED]) | abandoned, id=image_id
+        # The common case (a queued image) first: one UPDATE. An abandoned claim is taken
+        # over only while attempts are left; otherwise the second UPDATE fails the image.
+        claimed = Image.objects.filter(
+            Q(status__in=[Status.RECEIVED, Status.QUEUED])
+            | (abandoned & Q(attempts__lt=settings.CLASSIFY_MAX_ATTEMPTS)),
+            id=image_id,
+        ).update(status=Status.PROCESSING, processing_started_at=Now(), attempts=F("attempts") + 1)
+        worn_out = 0
+        if not claimed:
+            worn_out = Image.objects.filter(
+                abandoned, id=image_id, attempts__gte=settings.CLASSIFY_MAX_ATTEMPTS
             ).update(
-                status=Status.PROCESSING, processing_started_at=Now(), attempts=F("attempts") + 1
+                status=Status.FAILED,
+                finished_at=Now(),
+                error=f"a worker stopped while classifying this image "
+                f"{settings.CLASSIFY_MAX_ATTEMPTS} times; the image may crash the model",
             )
         image = Image.objects.filter(id=image_id).first()
         if image is None:
@@ -497,9 +499,12 @@ def prediction_record(*, image_id, result, classifier, inference_ms: float) -> P
     job finds the existing prediction and returns it."""
     with transaction.atomic():
         image = Image.objects.select_for_update().get(id=image_id)
-        existing = Prediction.objects.filter(image_id=image_id).first()
-        if existing is not None:
-            return existing
+        # Only a done image has a prediction (both are written here, together): skip the
+        # look-up, a round trip, on the common path.
+        if image.status == Status.DONE:
+            existing = Prediction.objects.filter(image_id=image_id).first()
+            if existing is not None:
+                return existing
         now = timezone.now()
         prediction = Prediction.objects.create(
             image=image,
@@ -521,7 +526,9 @@ def prediction_record(*, image_id, result, classifier, inference_ms: float) -> P
 def _refresh_case_status(case_id) -> None:
     """Derive the case's status from its images. The case row is locked first so two
     workers finishing the last two images of a case cannot both miss the other's update."""
-    with transaction.atomic():
+    # No savepoint when called inside a transaction (its two round trips per result): an
+    # error here propagates and rolls the caller's transaction back anyway.
+    with transaction.atomic(savepoint=False):
         case = Case.objects.select_for_update().only("status").get(id=case_id)
         counts = dict(
             Image.objects.filter(case_id=case_id)
