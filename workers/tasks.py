@@ -2,6 +2,7 @@
 
 import functools
 import logging
+import threading
 
 import django
 
@@ -22,21 +23,31 @@ logger = logging.getLogger(__name__)
 TRANSIENT_ERRORS = (StorageUnavailable, DatabaseError)
 
 
-@functools.cache
+_loading = threading.Lock()
+
+
 def classifier():
-    """The model, loaded once per worker process."""
+    """The model, loaded and warmed up once per worker process; with `--pool threads` the
+    threads share it (the lock keeps two first jobs from loading it twice)."""
+    with _loading:
+        return _loaded_classifier()
+
+
+@functools.cache
+def _loaded_classifier():
     from ml.inference import load_classifier
 
     model = load_classifier(settings.MODEL_DIR or None, runtime=settings.MODEL_RUNTIME)
+    # The first call allocates the runtime's tensors (LiteRT) or traces the graph
+    # (TensorFlow): pay for it here, not in the first job's latency.
+    model.warm_up()
     logger.info("loaded model %s %s (%s)", model.name, model.version, model.runtime)
     return model
 
 
 @worker_process_init.connect
 def _load_model_before_taking_jobs(**_):
-    # Warm up too: the first call allocates the runtime's tensors (LiteRT) or traces the
-    # graph (TensorFlow), which would otherwise land on the first job's latency.
-    classifier().warm_up()
+    classifier()
 
 
 def _backoff_s(retries: int) -> int:

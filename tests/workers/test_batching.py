@@ -140,3 +140,36 @@ def test_auto_on_a_cpu_node_uses_litert_without_tensorflow(monkeypatch, tiny_mod
 
     assert classifier.runtime == "litert"
     classifier.warm_up()
+
+
+def test_threads_of_a_worker_load_and_warm_up_one_model(monkeypatch):
+    from workers import tasks
+
+    loads, warm_ups = [], []
+
+    class FakeModel:
+        name, version, runtime = "fake", "0", "litert"
+
+        def warm_up(self):
+            warm_ups.append(1)
+
+    def slow_load(*args, **kwargs):
+        loads.append(1)
+        threading.Event().wait(0.1)  # two first jobs overlap while the model loads
+        return FakeModel()
+
+    monkeypatch.setattr(inference, "load_classifier", slow_load)
+    tasks._loaded_classifier.cache_clear()
+    try:
+        models = []
+        threads = [
+            threading.Thread(target=lambda: models.append(tasks.classifier())) for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        tasks._loaded_classifier.cache_clear()
+    assert (len(loads), len(warm_ups)) == (1, 1)
+    assert len(models) == 4 and all(model is models[0] for model in models)
