@@ -40,7 +40,8 @@ def sha256_of(path: str | Path) -> str:
 
 def inference_copy(model: keras.Model) -> keras.Model:
     """Same architecture and weights, no optimizer state (keeps model.keras small)."""
-    clean = keras.models.clone_model(model)
+    # Rebuilt from its config: clone_model would carry a compiled model's optimizer along.
+    clean = keras.Model.from_config(model.get_config())
     clean.set_weights(model.get_weights())
     return clean
 

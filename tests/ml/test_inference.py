@@ -138,3 +138,18 @@ def test_litert_path_does_not_import_tensorflow(artifact, tmp_path, repo_root):
     runtime, label = result.stdout.split()
     assert runtime == "litert"
     assert label in CLASS_NAMES
+
+
+def test_export_drops_the_optimizer_state(tmp_path):
+    import zipfile
+
+    import h5py
+
+    model = build_model("tiny", input_size=32)
+    model.compile("adam", "categorical_crossentropy")
+    model.fit(np.zeros((4, 32, 32, 3)), np.eye(4), verbose=0)
+    artifact = export_artifact(model, tmp_path / "a", name="t", version="0", input_size=32)
+    with zipfile.ZipFile(artifact / "model.keras") as archive:
+        archive.extract("model.weights.h5", tmp_path)
+    with h5py.File(tmp_path / "model.weights.h5") as weights:
+        assert "optimizer" not in weights
