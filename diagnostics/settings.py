@@ -184,6 +184,10 @@ CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
 CLASSIFY_TIME_LIMIT_S = env.int("CLASSIFY_TIME_LIMIT_S", default=120)
 CELERY_VISIBILITY_TIMEOUT_S = env.int("CELERY_VISIBILITY_TIMEOUT_S", default=600)
 CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=1)
+# "threads" runs jobs as threads sharing one model: measured fastest and smallest on a CPU
+# node (bench/results/worker.md); prefork (processes) stays the default, the pool the
+# fault tests (tests/e2e/test_faults.py) were written against.
+CELERY_WORKER_POOL = env.str("CELERY_WORKER_POOL", default="prefork")
 # How often a transient failure (S3 or database unreachable) is retried before the image fails.
 CLASSIFY_MAX_RETRIES = env.int("CLASSIFY_MAX_RETRIES", default=5)
 # How many times a worker may start on one image before it fails: bounds an input that

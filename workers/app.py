@@ -31,6 +31,7 @@ app.conf.update(
     # available to idle workers.
     worker_prefetch_multiplier=1,
     worker_concurrency=settings.CELERY_WORKER_CONCURRENCY,
+    worker_pool=settings.CELERY_WORKER_POOL,
     # Above the longest job, or Redis would hand a running job to a second worker.
     broker_transport_options={
         "visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT_S,

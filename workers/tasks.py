@@ -8,7 +8,7 @@ import django
 
 django.setup()
 
-from celery.signals import worker_process_init  # noqa: E402
+from celery.signals import worker_process_init, worker_ready  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.db import DatabaseError  # noqa: E402
 
@@ -48,6 +48,16 @@ def _loaded_classifier():
 @worker_process_init.connect
 def _load_model_before_taking_jobs(**_):
     classifier()
+
+
+@worker_ready.connect
+def _load_model_in_a_threads_pool(**_):
+    # Prefork pool processes load it in worker_process_init; a threads pool runs jobs in
+    # this process, which sends no such signal: load it here and report ready the same way.
+    if settings.CELERY_WORKER_POOL == "threads":
+        from workers.health import _ready_once_the_model_is_loaded
+
+        _ready_once_the_model_is_loaded()
 
 
 def _backoff_s(retries: int) -> int:
