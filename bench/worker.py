@@ -90,7 +90,6 @@ def run_worker(image_ids: list, env: dict, log_path: Path, timeout_s: float) -> 
 
     command = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=warning"]
     command += ["--without-gossip", "--without-mingle", "--hostname=bench@%h"]
-    command += ["--pool", env.get("BENCH_POOL", "prefork")]
     started = time.time()
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -190,14 +189,13 @@ def driver(args) -> dict:
 NAIVE = {"MODEL_RUNTIME": "keras_predict", "CELERY_WORKER_CONCURRENCY": 1}
 # Each: (name, environment of the worker). Concurrency and threads are the knobs that
 # matter on a 2-core node; the first is the shipped default.
-# BENCH_POOL is read here only: it becomes the worker's --pool option.
 CONFIGURATIONS = [
     ("litert, prefork -c 1, 2 threads", {"CELERY_WORKER_CONCURRENCY": 1, "ML_NUM_THREADS": 2}),
     ("litert, prefork -c 1, 1 thread", {"CELERY_WORKER_CONCURRENCY": 1, "ML_NUM_THREADS": 1}),
     ("litert, prefork -c 2, 1 thread", {"CELERY_WORKER_CONCURRENCY": 2, "ML_NUM_THREADS": 1}),
     (
         "litert, threads pool -c 2 (one shared interpreter), 1 thread",
-        {"CELERY_WORKER_CONCURRENCY": 2, "ML_NUM_THREADS": 1, "BENCH_POOL": "threads"},
+        {"CELERY_WORKER_CONCURRENCY": 2, "ML_NUM_THREADS": 1, "CELERY_WORKER_POOL": "threads"},
     ),
 ]
 
