@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 # "keras_predict" is the naive way (Keras model.predict per call), kept as the baseline
-# that bench/worker.py measures our worker against; never faster than "keras".
+# that bench/worker.py measures our worker against.
 # "tf_gpu" is TensorFlow with batched calls (MicroBatcher), what "auto" picks on a GPU node.
 RUNTIMES = ("auto", "litert", "keras", "keras_predict", "tf_gpu")
 # GPU micro-batching: how many waiting jobs share a call, and how long the first waits.
@@ -91,10 +91,11 @@ class MicroBatcher:
     """Run single-image calls from many threads as batches: the first caller waits up to
     `max_wait_s` for others (or until `max_batch` are waiting), then one call runs them all.
 
-    This is the GPU path: a GPU classifies 32 images in about the time of one, so jobs a
-    threads-pool worker holds at once share one call. On CPU, LiteRT measured slower per
-    image at batch 8/32 than at batch 1 (bench/results/runtime.md), so CPU workers use
-    max_batch 1, which calls the runner directly.
+    This is the GPU path (runtime "tf_gpu"): a GPU call costs far less than its batch
+    size times a single image's, so the jobs a threads-pool worker holds at once share one
+    call. CPU workers (LiteRT) do not go through it: LiteRT measured no faster per image
+    at batch 8/32 than at batch 1 (bench/results/runtime.md). max_batch 1 calls the runner
+    directly.
     """
 
     def __init__(self, run, max_batch: int, max_wait_s: float):
