@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                 result = json.loads(path.read_text())[key]
                 values = row(result["metrics"])
                 rows.append(values)
-                run = path.parent.name
+                run = f"{result['model']['name']} {result['model']['version']}"
                 cells = " | ".join(f"{v:.3f}" for v in values)
                 lines.append(f"| {label} | {run} | {result['metrics']['n']} | {cells} |")
             if len(rows) > 1:
