@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,10 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.worker import (  # noqa: E402  (needs the repo on sys.path first)
-    DEFAULT_DATABASE_URL,
-    DEFAULT_REDIS_URL,
-    _create_database,
     _tree_rss_mb,
+    run_driver_and_report,
 )
 
 
@@ -264,32 +261,13 @@ def main():
     if args.driver:
         print(json.dumps(driver(args)))
         return
-    from devstack.up import start_missing_services
-
-    os.environ.setdefault("DATABASE_URL", DEFAULT_DATABASE_URL)
-    os.environ.setdefault("REDIS_URL", DEFAULT_REDIS_URL)
-    _create_database(os.environ["DATABASE_URL"])
-    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as scratch:
-        with contextlib.ExitStack() as running:
-            env = start_missing_services(Path(scratch), running)
-            env |= {"DJANGO_SETTINGS_MODULE": "diagnostics.settings", "S3_BUCKET": "bench"}
-            command = [sys.executable, __file__, "--driver", "--rates", args.rates]
-            command += ["--seconds", str(args.seconds), "--drain-s", str(args.drain_s)]
-            command += ["--log-dir", scratch, "--worker-pool", args.worker_pool]
-            command += ["--worker-concurrency", str(args.worker_concurrency)]
-            command += ["--ml-threads", str(args.ml_threads)]
-            done = subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
-            if done.returncode != 0:
-                for log in sorted(Path(scratch).glob("*.log")):
-                    print(f"--- {log.name}\n{log.read_text()[-3000:]}", file=sys.stderr)
-                sys.exit(done.returncode)
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    report["machine"] = {"cores": os.cpu_count(), "load_average_at_end": os.getloadavg()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    driver_args = ["--rates", args.rates, "--seconds", str(args.seconds)]
+    driver_args += ["--drain-s", str(args.drain_s), "--worker-pool", args.worker_pool]
+    driver_args += ["--worker-concurrency", str(args.worker_concurrency)]
+    driver_args += ["--ml-threads", str(args.ml_threads)]
+    run_driver_and_report(
+        __file__, driver_args, scratch_prefix="bench-e2e-", out=args.out, markdown=markdown
+    )
 
 
 if __name__ == "__main__":

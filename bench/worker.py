@@ -232,26 +232,34 @@ def main():
     if args.driver:
         print(json.dumps(driver(args)))
         return
+    driver_args = ["-n", str(args.n), "--naive-n", str(args.naive_n)]
+    driver_args += ["--raw-seconds", str(args.raw_seconds), "--timeout", str(args.timeout)]
+    run_driver_and_report(
+        __file__, driver_args, scratch_prefix="bench-worker-", out=args.out, markdown=markdown
+    )
+
+
+def run_driver_and_report(script, driver_args, *, scratch_prefix, out, markdown) -> None:
+    """Run `script --driver ...` with any service not configured started for it (a
+    throwaway folder), then write its report as JSON and a markdown table and print it."""
     from devstack.up import start_missing_services
 
     os.environ.setdefault("DATABASE_URL", DEFAULT_DATABASE_URL)
     os.environ.setdefault("REDIS_URL", DEFAULT_REDIS_URL)
     _create_database(os.environ["DATABASE_URL"])
-    with tempfile.TemporaryDirectory(prefix="bench-worker-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix) as scratch:
         with contextlib.ExitStack() as running:
             env = start_missing_services(Path(scratch), running)
             env |= {"DJANGO_SETTINGS_MODULE": "diagnostics.settings", "S3_BUCKET": "bench"}
-            command = [sys.executable, __file__, "--driver", "-n", str(args.n)]
-            command += ["--naive-n", str(args.naive_n), "--raw-seconds", str(args.raw_seconds)]
-            command += ["--timeout", str(args.timeout), "--log-dir", scratch]
+            command = [sys.executable, script, "--driver", *driver_args, "--log-dir", scratch]
             done = subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
             if done.returncode != 0:
-                for log in sorted(Path(scratch).glob("worker-*.log")):
+                for log in sorted(Path(scratch).glob("*.log")):
                     print(f"--- {log.name}\n{log.read_text()[-3000:]}", file=sys.stderr)
                 sys.exit(done.returncode)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     report["machine"] = {"cores": os.cpu_count(), "load_average_at_end": os.getloadavg()}
-    out = Path(args.out)
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(report))
