@@ -1,6 +1,7 @@
 """The queue boundary: how the web process hands work to the workers (Celery on Redis).
 
 Jobs are sent by task name so the web process never imports the worker's model code.
+The app's task_routes put them on their queue (classify_image: `classify`, see workers.app).
 """
 
 from workers.app import app

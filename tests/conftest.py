@@ -40,11 +40,13 @@ def s3_down(settings):
 
 @pytest.fixture
 def broker():
-    """The real Redis the jobs go to, with the default queue emptied before the test."""
+    """The real Redis the jobs go to, with the queues (classify, celery) emptied before the test."""
+    from workers.app import QUEUES
+
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    client.delete("celery")
+    client.delete(*QUEUES)
     yield client
-    client.delete("celery")
+    client.delete(*QUEUES)
     client.close()
 
 

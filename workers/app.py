@@ -1,6 +1,7 @@
 import os
 
 from celery import Celery
+from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "diagnostics.settings")
 
@@ -10,6 +11,15 @@ from workers import metrics  # noqa: E402
 
 # Before the task modules load prometheus_client: pool processes' metrics meet in one place.
 metrics.share_between_pool_processes()
+
+# Two queues, so classification can be scaled on GPU nodes while housekeeping runs elsewhere:
+# classify_image goes to CLASSIFY_QUEUE; everything else (the sweepers, webhook deliveries)
+# to Celery's default queue. A `celery -A workers worker` without -Q consumes both (one-node
+# installs, ./stack up, the tests); a GPU node runs `-Q classify`, a housekeeping node
+# `-Q celery`. The names are fixed, not settings: they are also written in worker commands.
+CLASSIFY_QUEUE = "classify"
+HOUSEKEEPING_QUEUE = "celery"
+QUEUES = (CLASSIFY_QUEUE, HOUSEKEEPING_QUEUE)
 
 # Celery imports these before it sends any worker signal, so the handlers in workers.logs
 # (JSON logs, case ids) and workers.health (readiness) are connected in time.
@@ -23,6 +33,10 @@ app.conf.update(
     task_ignore_result=True,
     task_serializer="json",
     accept_content=["json"],
+    task_default_queue=HOUSEKEEPING_QUEUE,
+    task_queues=[Queue(name) for name in QUEUES],
+    # send_task (diagnostics.jobs) applies these routes too: the web process needs no task code.
+    task_routes={"workers.tasks.classify_image": {"queue": CLASSIFY_QUEUE}},
     # A job is acknowledged only when it finished, and re-queued if its worker dies, so a
     # crash never loses an image; services make the second delivery harmless.
     task_acks_late=True,

@@ -1,6 +1,6 @@
 """The worker's Prometheus endpoint: one per `celery worker`, on WORKER_METRICS_PORT,
 adding up the samples of all its pool processes (prometheus_client's multiprocess mode),
-plus the queue depth read from Redis at each scrape.
+plus the depth of each queue (classify, celery) read from Redis at each scrape.
 
 workers.app calls `share_between_pool_processes` first thing; nothing here imports
 prometheus_client at module level, because that directory must be set before it loads.
@@ -48,7 +48,7 @@ def share_between_pool_processes(argv: list[str] = sys.argv) -> None:
 
 
 class QueueDepthCollector:
-    """Jobs waiting in each queue (LLEN of the Celery list in Redis), read at scrape time."""
+    """Jobs waiting in each queue (LLEN of its Celery list in Redis), read at scrape time."""
 
     def __init__(self, queues: list[str]):
         self.queues = queues
@@ -89,7 +89,9 @@ def _serve_metrics(sender=None, **_):
         return
     from prometheus_client import start_http_server
 
-    queues = [sender.app.conf.task_default_queue] if sender is not None else ["celery"]
+    # Every queue of the app (classify and housekeeping), whichever ones this worker consumes
+    # (-Q): the depth is the deployment's backlog.
+    queues = [queue.name for queue in sender.app.conf.task_queues]
     try:
         start_http_server(port, registry=registry(queues))
     except OSError as exc:

@@ -112,6 +112,17 @@ def test_python_services_run_the_project_entry_points(services):
     assert command_text(services["beat"]).startswith("celery -A workers beat")
 
 
+def test_the_gpu_worker_takes_only_classification_and_the_cpu_worker_both_queues(services):
+    from workers.app import CLASSIFY_QUEUE, QUEUES
+
+    gpu = services["worker-gpu"]["command"]
+    assert gpu[gpu.index("-Q") + 1] == CLASSIFY_QUEUE == "classify"
+    # No queue option: every queue of the app, so housekeeping (`celery`) always has a worker.
+    cpu = services["worker"]["command"]
+    assert not any(arg.startswith(("-Q", "--queues", "-X", "--exclude-queues")) for arg in cpu)
+    assert set(QUEUES) == {"classify", "celery"}
+
+
 def test_python_services_build_from_stages_of_the_one_dockerfile(services):
     stages = dockerfile_stages()
     targets_by_image = {}

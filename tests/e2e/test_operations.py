@@ -91,6 +91,8 @@ def test_ready_worker_signed_webhook_with_a_retry_metrics_and_case_id_in_logs(
     assert metric(text, "diagnostics_inference_seconds_count") == 1.0
     assert metric(text, "diagnostics_webhook_deliveries_total", outcome="retry") == 1.0
     assert metric(text, "diagnostics_webhook_deliveries_total", outcome="delivered") == 1.0
+    # One worker without -Q took the classify job and both webhook deliveries (celery queue).
+    assert metric(text, "diagnostics_queue_depth", queue="classify") == 0.0
     assert metric(text, "diagnostics_queue_depth", queue="celery") == 0.0
     model_info = [line for line in text.splitlines() if line.startswith("diagnostics_model_info{")]
     assert len(model_info) == 1 and 'name="tiny-test"' in model_info[0]

@@ -121,7 +121,7 @@ def test_later_slices_of_a_study_join_its_case(
     assert len(s3_keys()) == 6  # each slice and its rendering
     # The new slice's job was sent after the commit, and the trail says it was added.
     assert Image.objects.get(position=2).status == Status.QUEUED
-    assert broker.llen("celery") == 1
+    assert broker.llen("classify") == 1
     added = AuditEvent.objects.get(action="case.images_added")
     assert added.changes == {"images": [None, ["MR series 3 image 4.dcm"]]}
 

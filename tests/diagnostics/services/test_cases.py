@@ -27,7 +27,7 @@ def test_case_create_stores_each_slice_in_s3_and_queues_a_job_after_commit(broke
     assert sorted(s3_keys()) == sorted(image.s3_key for image in images)
     assert storage.get(images[0].s3_key) == uploads[0][1]
     # The pytest-django transaction is never committed, so no job has been sent yet.
-    assert broker.llen("celery") == 0
+    assert broker.llen("classify") == 0
     assert {image.status for image in images} == {Status.RECEIVED}
 
 
@@ -59,7 +59,7 @@ def test_s3_unavailable_refuses_the_upload_with_no_row(s3_down):
 def test_jobs_are_sent_after_commit_and_images_become_queued(broker):
     case, _ = services.case_create(user=UserFactory(), uploads=[("a.jpg", image_bytes())] * 2)
 
-    assert broker.llen("celery") == 2
+    assert broker.llen("classify") == 2
     assert set(case.images.values_list("status", flat=True)) == {Status.QUEUED}
     assert Case.objects.get(id=case.id).status == Status.QUEUED
 
@@ -145,7 +145,7 @@ def test_the_sweeper_resends_what_postgres_says_is_stuck(broker):
     assert services.images_resend_stuck() == 3
 
     sent = {
-        json.loads(message)["headers"]["argsrepr"] for message in broker.lrange("celery", 0, -1)
+        json.loads(message)["headers"]["argsrepr"] for message in broker.lrange("classify", 0, -1)
     }
     assert sent == {f"['{image.id}']" for image in (never_sent, lost_in_redis, abandoned)}
     never_sent.refresh_from_db()
