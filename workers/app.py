@@ -1,7 +1,7 @@
 import os
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "diagnostics.settings")
 
@@ -34,7 +34,9 @@ app.conf.update(
     task_serializer="json",
     accept_content=["json"],
     task_default_queue=HOUSEKEEPING_QUEUE,
-    task_queues=[Queue(name) for name in QUEUES],
+    # Each queue with its own direct exchange and routing key, as Celery declares its default
+    # queue (a bare Queue(name) would be bound to the `celery` exchange with key `celery`).
+    task_queues=[Queue(name, Exchange(name), routing_key=name) for name in QUEUES],
     # send_task (diagnostics.jobs) applies these routes too: the web process needs no task code.
     task_routes={"workers.tasks.classify_image": {"queue": CLASSIFY_QUEUE}},
     # A job is acknowledged only when it finished, and re-queued if its worker dies, so a

@@ -27,6 +27,8 @@ def queue_of(task_name: str) -> str:
 def test_the_queues_are_named_classify_and_celery():
     assert (CLASSIFY_QUEUE, HOUSEKEEPING_QUEUE) == ("classify", "celery")
     assert app.conf.task_default_queue == "celery"
+    for queue in app.conf.task_queues:
+        assert (queue.exchange.name, queue.routing_key) == (queue.name, queue.name)
     assert {queue.name for queue in app.conf.task_queues} == {"classify", "celery"}
 
 
