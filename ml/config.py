@@ -22,7 +22,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 # Folder (under MODELS_DIR) of the artifact the workers load unless MODEL_DIR says otherwise.
-DEFAULT_MODEL_NAME = "brain-mri-lite0-1.0.0"
+DEFAULT_MODEL_NAME = "brain-mri-lite0-1.1.0"
 
 
 def default_dataset_dir() -> Path:

@@ -2,6 +2,8 @@
 
     python -m ml.evaluate --data DIR --model ARTIFACT [--json OUT] [--split test]
                           [--exclude-near-duplicates-of OTHER_DIR]
+    python -m ml.evaluate --suite --data ROOT --model ARTIFACT --json OUT
+    python -m ml.evaluate --trust --data ROOT --model ARTIFACT --json OUT
 
 DIR holds class folders (glioma/glioma_tumor, meningioma/..., notumor/no_tumor,
 pituitary/...), directly or one level down. --split picks that side of the split saved
@@ -9,6 +11,11 @@ with the model (DIR must then be the folder it was made from); --exclude-near-du
 drops images that have a near-duplicate in OTHER_DIR (e.g. Testing/ minus Training/).
 Writes JSON (accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, ECE)
 and PNGs (confusion matrix; training curves when the model recorded them).
+--suite scores the report's three sets on a root with Training/ and Testing/.
+--trust (same root) measures the trust signals (ml.trust.evaluate_trust): ECE before and
+after temperature scaling on the validation and test splits, the needs-review flag's
+effect on the test split, and OOD rejection (far-OOD AUROC overall and per category,
+in-distribution false rejections), with reliability and OOD-score PNGs.
 """
 
 from __future__ import annotations
@@ -277,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         help="DATA is a root with Training/ and Testing/: score the report's three sets "
         "(test split, raw Testing/, Testing/ without near-duplicates in Training/)",
     )
+    parser.add_argument(
+        "--trust",
+        action="store_true",
+        help="DATA is a root with Training/ and Testing/: calibration, review flag and OOD "
+        "rejection report (ml.trust)",
+    )
     parser.add_argument("--model", required=True, help="artifact folder (with model.json)")
     parser.add_argument("--json", help="write the full result here")
     parser.add_argument("--png", help="confusion-matrix PNG (default: next to --json)")
@@ -286,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.suite:
         return run_suite(args)
+    if args.trust:
+        return run_trust(args)
 
     result = evaluate(
         args.data, args.model, args.split, args.exclude_near_duplicates_of, args.runtime
@@ -330,6 +345,71 @@ def run_suite(args) -> int:
                 history, f"{stem}-training-curves.png", results["test_split"]["model"]["name"]
             )
         write_json(args.json, {"descriptions": SUITE, **results})
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def format_trust(result: dict) -> str:
+    lines = [
+        f"{result['model']['name']} {result['model']['version']} ({result['model']['runtime']})"
+    ]
+    calibration = result["calibration"]
+    lines.append(f"temperature {calibration['temperature']:.3f} (folded into the model)")
+    for side in ("val", "test"):
+        row = calibration[side]
+        lines.append(
+            f"{side:<5} n={row['n']}  ECE before scaling {row['ece_before_scaling']:.4f}  "
+            f"after {row['ece_after_scaling']:.4f}  NLL {row['nll_before_scaling']:.4f} -> "
+            f"{row['nll_after_scaling']:.4f}"
+        )
+    review = result["review"]
+    lines.append(f"review threshold {review['threshold']:.4f}: {review['rule']}")
+    for side in ("val", "test", "testing_unseen"):
+        row = review[side]
+
+        def show(value):
+            return "-" if value is None else f"{value:.4f}"
+
+        lines.append(
+            f"  {side:<15} flagged {row['flagged']}/{row['n']} ({row['share_flagged']:.1%})  "
+            f"accuracy all {show(row['accuracy_all'])}  unflagged "
+            f"{show(row['accuracy_unflagged'])}  flagged {show(row['accuracy_flagged'])}"
+        )
+    ood = result["ood"]
+    far = ood["far_ood"]
+    lines.append(
+        f"OOD threshold {ood['threshold']:.1f}; far-OOD n={far['n']}: "
+        f"AUROC {far['auroc_pipeline']:.4f}"
+        f" (feature score alone {far['auroc_feature_score_only']:.4f}), rejected "
+        f"{far['rejected']}/{far['n']} ({far['rejection_rate']:.1%})"
+    )
+    for side, row in ood["in_distribution"].items():
+        lines.append(
+            f"  in-dist {side:<15} rejected {row['rejected']}/{row['n']} "
+            f"({row['rejection_rate']:.2%}) {row['by_reason']}"
+        )
+    lines.append(f"  {'category':<14}{'n':>5}{'AUROC':>9}{'score only':>11}{'rejected':>10}")
+    for category, row in ood["per_category"].items():
+        lines.append(
+            f"  {category:<14}{row['n']:>5}{row['auroc_pipeline']:>9.4f}"
+            f"{row['auroc_feature_score_only']:>11.4f}{row['rejection_rate']:>10.1%}  "
+            f"{row['by_reason']}"
+        )
+    return "\n".join(lines)
+
+
+def run_trust(args) -> int:
+    from ml.trust import evaluate_trust, plot_trust
+
+    runtime = "litert" if args.runtime == "auto" else args.runtime
+    result = evaluate_trust(Path(args.data), Path(args.model), runtime=runtime)
+    print(format_trust(result), flush=True)
+    if args.json:
+        stem = Path(args.json).with_suffix("")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        result["pngs"] = plot_trust(result, stem)
+        result.pop("_plots")
+        write_json(args.json, result)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

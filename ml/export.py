@@ -1,7 +1,10 @@
 """Export: write the versioned artifact folder the workers load.
 
-<out_dir>/model.keras    Keras model (no optimizer state), input float32 RGB 0-255 NHWC
-<out_dir>/model.tflite   the same network for LiteRT (no TensorFlow needed to serve)
+<out_dir>/model.keras    Keras serving model (no optimizer state), input float32 RGB 0-255
+                         NHWC, outputs {"probabilities", "cam", "features"}
+                         (ml.model.serving_model: one forward pass gives all three)
+<out_dir>/model.tflite   the same network for LiteRT (no TensorFlow needed to serve), with
+                         the same three outputs named in its signature
 <out_dir>/model.json     name, version, class names, input size, preprocessing,
                          sha256 + size of every file, plus `extra` (training config,
                          data fingerprint, metrics, ...)
@@ -20,6 +23,7 @@ import keras
 import numpy as np
 
 from ml.config import CLASS_NAMES
+from ml.model import OUTPUT_PROBABILITIES, serving_model
 
 ARTIFACT_FORMAT = "brain-mri-classifier/1"
 PREPROCESSING = {
@@ -46,22 +50,22 @@ def inference_copy(model: keras.Model) -> keras.Model:
     return clean
 
 
-def _write_tflite(model: keras.Model, path: Path, input_size: int) -> float:
-    """Convert to LiteRT and return the max |difference| to Keras on a random batch."""
+def _write_tflite(model: keras.Model, path: Path, input_size: int) -> dict[str, float]:
+    """Convert to LiteRT; return the max |difference| to Keras per output on a random batch."""
     signature = [keras.InputSpec(shape=(None, input_size, input_size, 3), dtype="float32")]
     model.export(str(path), format="litert", input_signature=signature, verbose=False)
-    from ai_edge_litert.interpreter import Interpreter
+    from ml.inference import _LiteRTRunner
 
     probe = np.random.default_rng(0).uniform(0, 255, (2, input_size, input_size, 3))
     probe = probe.astype(np.float32)
-    interpreter = Interpreter(model_path=str(path))
-    detail = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(detail["index"], probe.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(detail["index"], probe)
-    interpreter.invoke()
-    lite = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    return float(np.abs(lite - np.asarray(model(probe, training=False))).max())
+    expected = model(probe, training=False)
+    if not isinstance(expected, dict):
+        expected = {OUTPUT_PROBABILITIES: expected}
+    num_classes = int(model.output[OUTPUT_PROBABILITIES].shape[-1])
+    lite = _LiteRTRunner(path, threads=1, num_classes=num_classes)(probe)
+    if set(lite) != set(expected):
+        raise ValueError(f"LiteRT outputs {sorted(lite)}, Keras {sorted(expected)}")
+    return {name: float(np.abs(lite[name] - np.asarray(expected[name])).max()) for name in expected}
 
 
 def export_artifact(
@@ -75,22 +79,34 @@ def export_artifact(
     extra: dict | None = None,
     tflite: bool = True,
     split: dict | None = None,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
-    """Write the artifact folder and return it. `split` (a split record) goes to split.json."""
+    """Write the artifact folder and return it. `split` (a split record) goes to split.json;
+    `extra_files` (name -> path) are copied in and listed in "files" with their sha256."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if tuple(model.output.shape[1:]) != (len(class_names),):
-        raise ValueError(f"model outputs {model.output.shape}, expected {len(class_names)} classes")
+    model = serving_model(model)
+    probabilities = model.output[OUTPUT_PROBABILITIES]
+    if tuple(probabilities.shape[1:]) != (len(class_names),):
+        raise ValueError(
+            f"model outputs {probabilities.shape}, expected {len(class_names)} classes"
+        )
     clean = inference_copy(model)
     clean.save(out / "model.keras")
     files = ["model.keras"]
     checks = {}
     if tflite:
-        checks["tflite_max_abs_difference"] = _write_tflite(clean, out / "model.tflite", input_size)
+        differences = _write_tflite(clean, out / "model.tflite", input_size)
+        checks["tflite_max_abs_difference"] = differences[OUTPUT_PROBABILITIES]
+        checks["tflite_max_abs_difference_per_output"] = differences
         files.append("model.tflite")
     if split is not None:
         (out / "split.json").write_text(json.dumps(split) + "\n")
         files.append("split.json")
+    for filename, source in (extra_files or {}).items():
+        if Path(source).resolve() != (out / filename).resolve():
+            (out / filename).write_bytes(Path(source).read_bytes())
+        files.append(filename)
     metadata = {
         "format": ARTIFACT_FORMAT,
         "name": name,

@@ -3,10 +3,16 @@
     from ml.inference import load_classifier
     classifier = load_classifier()            # the shipped model (env MODEL_DIR overrides)
     [prediction] = classifier.predict([jpeg_bytes])
-    prediction.label, prediction.probabilities
+    if prediction.rejected:             # not a brain MRI slice: do not show a label
+        prediction.rejection_reason
+    prediction.label, prediction.probabilities, prediction.needs_review
+    prediction.heatmap                  # (7, 7) float32 0..1, see ml.heatmap.overlay_png
 
-runtime "auto" uses LiteRT (ai_edge_litert) when the artifact has model.tflite and the
-package imports, and never imports TensorFlow on that path; otherwise Keras.
+One forward pass gives the calibrated probabilities, the class activation maps and the
+pooled features (the artifact's serving model, ml.model.serving_model); the OOD score and
+the input checks (ml.ood) are numpy on top. runtime "auto" uses LiteRT (ai_edge_litert)
+when the artifact has model.tflite and the package imports, and never imports TensorFlow
+on that path; otherwise Keras.
 Decoding and resizing are ml.data.decode_image, the function training used.
 """
 
@@ -25,6 +31,10 @@ import numpy as np
 
 from ml.config import CLASS_NAMES, DEFAULT_MODEL_NAME, MODELS_DIR
 from ml.data import UnreadableImage, decode_batch
+from ml.ood import OODDetector
+
+# The serving model's outputs (ml.model.OUTPUT_*; repeated so this module needs no Keras).
+PROBABILITIES, CAM, FEATURES = "probabilities", "cam", "features"
 
 __all__ = [
     "CLASS_NAMES",
@@ -47,8 +57,24 @@ BATCH_SIZE = 32
 
 @dataclass(frozen=True)
 class Prediction:
-    label: str  # one of the classifier's class_names
-    probabilities: dict[str, float]  # every class, summing to 1
+    """One image's result. Check `rejected` first: a rejected image is not a brain MRI
+    slice (or not one like the training data), and its label must not be shown."""
+
+    label: str  # one of the classifier's class_names (the argmax, also when rejected)
+    probabilities: dict[str, float]  # every class, summing to 1 (temperature-calibrated)
+    # Class activation map of `label` at feature resolution (7x7 for 224 px), float32,
+    # ReLU'd and divided by its maximum (0..1; all zeros when no location has positive
+    # evidence). None only when the artifact has no CAM output.
+    heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # Squared Mahalanobis distance of the pooled features to the nearest class mean
+    # (higher = less like the training data); NaN when the artifact has no OOD model.
+    ood_score: float = float("nan")
+    rejection_reason: str = ""  # "" when accepted, else a short sentence
+    needs_review: bool = False  # top probability below the classifier's review_threshold
+
+    @property
+    def rejected(self) -> bool:
+        return bool(self.rejection_reason)
 
 
 def default_model_dir() -> Path:
@@ -65,18 +91,61 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _as_outputs(result) -> dict[str, np.ndarray]:
+    """A runner's raw result -> {"probabilities": ..., ["cam": ..., "features": ...]}.
+    Artifacts from before the serving model have the probabilities only."""
+    if isinstance(result, dict):
+        return {name: np.asarray(value) for name, value in result.items()}
+    return {PROBABILITIES: np.asarray(result)}
+
+
+def _litert_output_indices(interpreter, num_classes: int | None) -> dict[str, int]:
+    """Output tensor index per output name. LiteRT may order outputs differently from the
+    Keras model, and its tensor names are generic ("StatefulPartitionedCall:1"), so take
+    the names from the signature; without one, tell them apart by shape: rank 4 is the
+    CAM, rank 2 with `num_classes` columns the probabilities, other rank 2 the features."""
+    details = interpreter.get_output_details()
+    try:
+        signatures = interpreter.get_signature_list()
+        if len(signatures) == 1:
+            runner = interpreter.get_signature_runner(next(iter(signatures)))
+            named = {name: detail["index"] for name, detail in runner.get_output_details().items()}
+            if PROBABILITIES in named:
+                return named
+    except (ValueError, KeyError, AttributeError):
+        pass
+    if len(details) == 1:
+        return {PROBABILITIES: details[0]["index"]}
+    found: dict[str, int] = {}
+    for detail in details:
+        shape = detail.get("shape_signature", detail["shape"])
+        if len(shape) == 4:
+            found[CAM] = detail["index"]
+        elif len(shape) == 2 and (num_classes is None or shape[-1] == num_classes):
+            found.setdefault(PROBABILITIES, detail["index"])
+        elif len(shape) == 2:
+            found[FEATURES] = detail["index"]
+    if PROBABILITIES not in found:
+        raise ValueError("no probabilities output found in the LiteRT model")
+    return found
+
+
 class _LiteRTRunner:
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, num_classes: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
         self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
         self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._outputs = _litert_output_indices(self._interpreter, num_classes)
         self._batch = None
         # One interpreter holds one set of tensors: serialise calls from threads.
         self._lock = threading.Lock()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(sorted(self._outputs))
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with self._lock:
             if self._batch != len(batch):
                 self._interpreter.resize_tensor_input(self._input, batch.shape)
@@ -84,7 +153,10 @@ class _LiteRTRunner:
                 self._batch = len(batch)
             self._interpreter.set_tensor(self._input, batch)
             self._interpreter.invoke()
-            return np.array(self._interpreter.get_tensor(self._output))
+            return {
+                name: np.array(self._interpreter.get_tensor(index))
+                for name, index in self._outputs.items()
+            }
 
 
 class MicroBatcher:
@@ -95,7 +167,7 @@ class MicroBatcher:
     size times a single image's, so the jobs a threads-pool worker holds at once share one
     call. CPU workers (LiteRT) do not go through it: LiteRT measured no faster per image
     at batch 8/32 than at batch 1 (bench/results/runtime.md). max_batch 1 calls the runner
-    directly.
+    directly. The runner returns an array, or a dict of arrays (one row per input each).
     """
 
     def __init__(self, run, max_batch: int, max_wait_s: float):
@@ -105,7 +177,7 @@ class MicroBatcher:
         self._running = threading.Lock()
         self.batch_sizes: list[int] = []  # every batch run, for tests and metrics
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray):
         if self.max_batch <= 1 or len(batch) != 1:
             return self._run(batch)
         entry = [batch[0], None, None]
@@ -118,6 +190,8 @@ class MicroBatcher:
                 self._gather_and_run()
         if entry[2] is not None:
             raise entry[2]
+        if isinstance(entry[1], dict):
+            return {name: row[np.newaxis] for name, row in entry[1].items()}
         return entry[1][np.newaxis]
 
     def _gather_and_run(self) -> None:
@@ -134,6 +208,10 @@ class MicroBatcher:
         except Exception as error:  # every caller in the batch gets the model's error
             for entry in taken:
                 entry[2] = error
+            return
+        if isinstance(outputs, dict):
+            for index, entry in enumerate(taken):
+                entry[1] = {name: np.asarray(value)[index] for name, value in outputs.items()}
             return
         for entry, row in zip(taken, outputs, strict=True):
             entry[1] = row
@@ -169,8 +247,11 @@ class _TFFunctionRunner:
         signature = [tf.TensorSpec([None, size, size, 3], tf.float32)]
         self._call = tf.function(lambda x: model(x, training=False), input_signature=signature)
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self._call(batch).numpy()
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        result = self._call(batch)
+        if isinstance(result, dict):
+            return {name: value.numpy() for name, value in result.items()}
+        return _as_outputs(result.numpy())
 
 
 class _KerasRunner:
@@ -180,11 +261,11 @@ class _KerasRunner:
         self._model = keras.saving.load_model(path, compile=False)
         self._use_predict = use_predict
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if self._use_predict:
-            return np.asarray(self._model.predict(batch, verbose=0, batch_size=len(batch)))
+            return _as_outputs(self._model.predict(batch, verbose=0, batch_size=len(batch)))
         # Calling the model directly avoids model.predict's per-call overhead.
-        return np.asarray(self._model(batch, training=False))
+        return _as_outputs(self._model(batch, training=False))
 
 
 @dataclass
@@ -198,35 +279,78 @@ class Classifier:
     model_dir: Path
     metadata: dict = field(repr=False)
     _run: object = field(repr=False)
+    # Predictions whose top probability is below this are flagged needs_review
+    # (model.json "review_threshold"; 0 = never).
+    review_threshold: float = 0.0
+    ood: OODDetector = field(
+        default_factory=lambda: OODDetector(None, float("inf"), {}), repr=False
+    )
+
+    def run_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 (n, size, size, 3) RGB 0-255 -> the model's outputs: "probabilities"
+        (n, classes), and when the artifact has them "cam" (n, h, w, classes) and
+        "features" (n, D). One forward pass per chunk of BATCH_SIZE."""
+        outputs = [
+            _as_outputs(
+                self._run(np.ascontiguousarray(batch[start : start + BATCH_SIZE], np.float32))
+            )
+            for start in range(0, len(batch), BATCH_SIZE)
+        ]
+        if not outputs:
+            return {PROBABILITIES: np.zeros((0, len(self.class_names)))}
+        joined = {name: np.concatenate([out[name] for out in outputs]) for name in outputs[0]}
+        probabilities = joined[PROBABILITIES].astype(np.float64)
+        joined[PROBABILITIES] = probabilities / probabilities.sum(axis=1, keepdims=True)
+        return joined
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """float32 (n, size, size, 3) RGB 0-255 -> (n, classes) probabilities."""
-        outputs = [
-            self._run(np.ascontiguousarray(batch[start : start + BATCH_SIZE], dtype=np.float32))
-            for start in range(0, len(batch), BATCH_SIZE)
-        ]
-        probabilities = np.concatenate(outputs).astype(np.float64)
-        return probabilities / probabilities.sum(axis=1, keepdims=True)
+        return self.run_batch(batch)[PROBABILITIES]
 
     def warm_up(self) -> None:
         """One call on a blank image: allocates the runtime's tensors (and traces the
         graph on TensorFlow), so the first real job does not pay for it."""
-        self.predict_batch(np.zeros((1, self.input_size, self.input_size, 3), np.float32))
+        self.run_batch(np.zeros((1, self.input_size, self.input_size, 3), np.float32))
+
+    def analyse_batch(self, batch: np.ndarray) -> list[Prediction]:
+        """Decoded images (n, size, size, 3) RGB 0-255 -> full Predictions."""
+        outputs = self.run_batch(batch)
+        probabilities = outputs[PROBABILITIES]
+        labels = probabilities.argmax(axis=1)
+        heatmaps = class_heatmaps(outputs.get(CAM), labels)
+        scores = self.ood.scores(outputs.get(FEATURES), len(batch))
+        reasons = self.ood.reasons(batch, scores)
+        return [
+            Prediction(
+                label=self.class_names[int(labels[index])],
+                probabilities={
+                    name: float(p)
+                    for name, p in zip(self.class_names, probabilities[index], strict=True)
+                },
+                heatmap=None if heatmaps is None else heatmaps[index],
+                ood_score=float(scores[index]),
+                rejection_reason=reasons[index],
+                needs_review=bool(probabilities[index].max() < self.review_threshold),
+            )
+            for index in range(len(batch))
+        ]
 
     def predict(self, images: Sequence[bytes]) -> list[Prediction]:
         """Classify encoded images (JPEG, PNG, ...). Raises UnreadableImage for bad bytes."""
         if not images:
             return []
-        probabilities = self.predict_batch(decode_batch(images, self.input_size))
-        return [
-            Prediction(
-                label=self.class_names[int(np.argmax(row))],
-                probabilities={
-                    name: float(p) for name, p in zip(self.class_names, row, strict=True)
-                },
-            )
-            for row in probabilities
-        ]
+        return self.analyse_batch(decode_batch(images, self.input_size))
+
+
+def class_heatmaps(cam: np.ndarray | None, labels: np.ndarray) -> np.ndarray | None:
+    """(n, h, w, C) class activation maps -> (n, h, w) float32 maps of each image's label,
+    ReLU'd and scaled to 0..1 by their maximum (all zeros when nothing is positive)."""
+    if cam is None:
+        return None
+    chosen = np.maximum(cam[np.arange(len(labels)), :, :, labels], 0.0).astype(np.float32)
+    peaks = chosen.reshape(len(labels), -1).max(axis=1)
+    scale = np.where(peaks > 0, peaks, 1.0).astype(np.float32)
+    return chosen / scale[:, None, None]
 
 
 def _litert_available() -> bool:
@@ -252,17 +376,15 @@ def load_classifier(model_dir: str | Path | None = None, runtime: str = "auto") 
         runtime = choose_runtime(has_tflite, _litert_available(), gpu_devices())
     filename = "model.tflite" if runtime == "litert" else "model.keras"
     path = folder / filename
-    if not path.is_file() or filename not in files:
-        raise FileNotFoundError(f"{filename} missing from the model artifact in {folder}")
-    digest = _sha256(path)
-    if digest != files[filename]["sha256"]:
-        raise ValueError(
-            f"{path} does not match model.json (sha256 {digest[:12]}..., expected "
-            f"{files[filename]['sha256'][:12]}...): a corrupt copy or a Git LFS pointer?"
-        )
+    digest = _verify(path, files)
     threads = int(os.environ.get("ML_NUM_THREADS", min(4, os.cpu_count() or 1)))
+    class_names = tuple(metadata["class_names"])
+    ood_file = (metadata.get("ood") or {}).get("file")
+    if ood_file:
+        _verify(folder / ood_file, files)
+    ood = OODDetector.from_artifact(folder, metadata)
     if runtime == "litert":
-        run = _LiteRTRunner(path, threads)
+        run = _LiteRTRunner(path, threads, num_classes=len(class_names))
     elif runtime == "tf_gpu":
         run = MicroBatcher(_TFFunctionRunner(path), GPU_MAX_BATCH, GPU_MAX_WAIT_S)
     else:
@@ -273,8 +395,23 @@ def load_classifier(model_dir: str | Path | None = None, runtime: str = "auto") 
         sha256=digest,
         input_size=int(metadata["input_size"]),
         runtime=runtime,
-        class_names=tuple(metadata["class_names"]),
+        class_names=class_names,
         model_dir=folder,
         metadata=metadata,
         _run=run,
+        review_threshold=float(metadata.get("review_threshold", 0.0)),
+        ood=ood,
     )
+
+
+def _verify(path: Path, files: dict) -> str:
+    """The file's sha256, after checking it exists and matches what model.json lists."""
+    if not path.is_file() or path.name not in files:
+        raise FileNotFoundError(f"{path.name} missing from the model artifact in {path.parent}")
+    digest = _sha256(path)
+    if digest != files[path.name]["sha256"]:
+        raise ValueError(
+            f"{path} does not match model.json (sha256 {digest[:12]}..., expected "
+            f"{files[path.name]['sha256'][:12]}...): a corrupt copy or a Git LFS pointer?"
+        )
+    return digest

@@ -313,3 +313,54 @@ def fold_temperature(model: keras.Model, temperature: float) -> None:
 
 def count_parameters(model: keras.Model) -> int:
     return int(sum(math.prod(w.shape) for w in model.weights))
+
+
+# ---------------------------------------------------------------- the serving model
+
+# Output names of the serving model (model.keras and the model.tflite signature).
+OUTPUT_PROBABILITIES = "probabilities"
+OUTPUT_CAM = "cam"
+OUTPUT_FEATURES = "features"
+CAM_LAYER = "class_activation"
+
+
+def is_serving_model(model: keras.Model) -> bool:
+    return isinstance(model.output, dict) and OUTPUT_PROBABILITIES in model.output
+
+
+def serving_model(model: keras.Model) -> keras.Model:
+    """The classifier with two more outputs, all from one forward pass (same weights):
+
+    probabilities (n, C)        the classifier's softmax, unchanged
+    cam           (n, h, w, C)  class activation maps: the backbone's last feature maps
+                                (h x w x D) times the Dense kernel (D x C), no bias. Its
+                                spatial mean plus the bias is the (temperature-folded) logit,
+                                so it says where each class's evidence is (Zhou et al. 2016)
+    features      (n, D)        the pooled features the head sees (for the OOD score)
+
+    The head must be GlobalAveragePooling -> Dropout -> Dense "predictions": then CAM needs
+    no gradients. The CAM layer holds a copy of the Dense kernel (D x C floats).
+    """
+    if is_serving_model(model):
+        return model
+    backbone = model.get_layer("backbone")
+    dense = model.get_layer("predictions")
+    image = keras.Input(model.input.shape[1:], name="image")
+    feature_maps = backbone(image)
+    pooled = model.get_layer("avg_pool")(feature_maps)
+    probabilities = dense(model.get_layer("top_dropout")(pooled))
+    cam_layer = layers.Dense(dense.units, use_bias=False, name=CAM_LAYER)
+    cam = cam_layer(feature_maps)
+    cam_layer.set_weights([dense.get_weights()[0]])
+    return keras.Model(
+        image,
+        {OUTPUT_PROBABILITIES: probabilities, OUTPUT_CAM: cam, OUTPUT_FEATURES: pooled},
+        name=f"{model.name}_serving",
+    )
+
+
+def classifier_of(model: keras.Model) -> keras.Model:
+    """The plain image -> probabilities model inside a serving model (same layers)."""
+    if not is_serving_model(model):
+        return model
+    return keras.Model(model.input, model.output[OUTPUT_PROBABILITIES], name=model.name)

@@ -1,7 +1,8 @@
 """Training: two-phase transfer learning (or training from scratch) on a leakage-free split.
 
     python -m ml.train --data DATA/Training --backbone efficientnet_lite0 --weights imagenet \\
-        --export ml/models/brain-mri-lite0-1.0.0
+        --export runs/brain-mri-lite0/artifact
+    # then OOD rejection + review threshold on the exported model: python -m ml.trust --help
 
 1. Find the class folders, group exact and near duplicates, split by group (stratified,
    fixed seed); the split goes into the artifact (split.json).
