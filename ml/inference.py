@@ -286,6 +286,12 @@ class Classifier:
         default_factory=lambda: OODDetector(None, float("inf"), {}), repr=False
     )
 
+    @property
+    def batches_calls(self) -> bool:
+        """Whether several images per call pay off: on a GPU (bench/results/gpu.md), not
+        with LiteRT on a CPU, which measured fastest per image at batch 1."""
+        return self.runtime == "tf_gpu"
+
     def run_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """float32 (n, size, size, 3) RGB 0-255 -> the model's outputs: "probabilities"
         (n, classes), and when the artifact has them "cam" (n, h, w, classes) and
