@@ -35,14 +35,27 @@ class SiteMembership(models.Model):
 
 
 class Status(models.TextChoices):
+    """An image's status, and its case's (derived from its images'; see `Case`).
+
+    received -> queued -> processing -> done | failed | rejected. The last three are
+    terminal. `rejected`: the model refused to read the slice, because it is not a brain
+    MRI slice or not one like its training data (out of distribution); the reason is in
+    `Image.error`, the OOD score in `Image.ood_score`, and there is no prediction (no
+    tumour label is ever shown for it). `failed`: nothing could read it (not decodable,
+    too many attempts).
+    """
+
     RECEIVED = "received"
     QUEUED = "queued"
     PROCESSING = "processing"
     DONE = "done"
     FAILED = "failed"
+    REJECTED = "rejected"
 
 
-TERMINAL_STATUSES = (Status.DONE, Status.FAILED)
+TERMINAL_STATUSES = (Status.DONE, Status.FAILED, Status.REJECTED)
+# Terminal without a prediction: either makes the case need review.
+UNREADABLE_STATUSES = (Status.FAILED, Status.REJECTED)
 
 
 class Label(models.TextChoices):
@@ -71,7 +84,17 @@ class Role(models.TextChoices):
 
 
 class Case(models.Model):
-    """One patient study. Its status summarises its images' statuses (see services)."""
+    """One patient study. Its status summarises its images' statuses (services.cases):
+
+    - every image terminal: `done` if any image is done, else `rejected` if any is
+      rejected, else `failed`;
+    - else `processing` once any image is terminal or processing, else `queued` once any
+      is queued, else `received`.
+
+    It "needs review" (worklist flag, `selectors`) when any image's prediction has
+    `needs_review` (below the model's own validation-chosen threshold) or any image
+    failed or was rejected.
+    """
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     site = models.ForeignKey(Site, on_delete=models.PROTECT, related_name="cases")
@@ -109,14 +132,19 @@ class Case(models.Model):
     reviewed_at = models.DateTimeField(null=True, blank=True)
 
     # What the worklist sorts and filters on, kept by PostgreSQL triggers whenever a
-    # prediction is written or a slice fails (migration 0005), so a page of 100,000 cases
-    # needs no per-case subqueries. Read-only for Python: never assign them.
+    # prediction is written or a slice fails or is rejected (migrations 0005, 0008), so a
+    # page of 100,000 cases needs no per-case subqueries. Read-only for Python: never
+    # assign them.
     # The model's label for the case: its most confident slice's.
     predicted_label = models.CharField(max_length=32, blank=True, editable=False)
     predicted_confidence = models.FloatField(null=True, blank=True, editable=False)
-    # The least confident slice's probability, and whether any slice failed: "needs review".
+    # The least confident slice's probability (informative; the flag below decides).
     min_confidence = models.FloatField(null=True, blank=True, editable=False)
+    # "Needs review" is any of these three: a slice failed, a slice was rejected (not a
+    # brain MRI / out of distribution), a slice's prediction has needs_review.
     has_failed_image = models.BooleanField(default=False, editable=False)
+    has_rejected_image = models.BooleanField(default=False, editable=False)
+    has_flagged_image = models.BooleanField(default=False, editable=False)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -175,7 +203,13 @@ class Image(models.Model):
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED)
     attempts = models.PositiveSmallIntegerField(default=0)
+    # Why it failed, or why it was rejected ("not a brain MRI slice: the image is blank").
     error = models.TextField(blank=True)
+    # The model's out-of-distribution score (squared Mahalanobis distance of its features to
+    # the nearest class mean; higher = less like the training data), kept here so that a
+    # rejected slice, which has no prediction, keeps it too. Null before classification
+    # and for models without an OOD detector.
+    ood_score = models.FloatField(null=True, blank=True)
     received_at = models.DateTimeField(auto_now_add=True)
     queued_at = models.DateTimeField(null=True, blank=True)
     processing_started_at = models.DateTimeField(null=True, blank=True)
@@ -213,6 +247,17 @@ class Prediction(models.Model):
     inference_ms = models.FloatField()
     turnaround_ms = models.FloatField()
     created_at = models.DateTimeField(auto_now_add=True)
+    # The calibrated top probability is below the model's own review threshold (chosen on
+    # validation, model.json `review_threshold`): its case needs a careful look.
+    needs_review = models.BooleanField(default=False)
+    # The out-of-distribution score of the slice (also on Image.ood_score); null when the
+    # model has no OOD detector.
+    ood_score = models.FloatField(null=True, blank=True)
+    # The class activation map of `label` as nested lists (7x7 floats, 0..1), so the
+    # overlay can be rendered again; null when the model gives none. The rendered overlay
+    # PNG is in S3 under `heatmap_key` (services.heatmaps.heatmap_key_for), "" when none.
+    heatmap = models.JSONField(null=True, blank=True)
+    heatmap_key = models.CharField(max_length=255, blank=True)
     # The probability of the predicted label (its maximum), computed by PostgreSQL so lists
     # can filter and sort on it without reading the JSON in Python.
     confidence = models.GeneratedField(
@@ -301,7 +346,7 @@ class AuditEvent(models.Model):
 
 
 class WebhookEvent(models.TextChoices):
-    # Every image is done or failed: the predictions can be fetched.
+    # Every image is done, failed or rejected: the predictions can be fetched.
     CASE_COMPLETED = "case.completed"
     # A radiologist's final reading is recorded (confirmed or overridden).
     CASE_REVIEWED = "case.reviewed"

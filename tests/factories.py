@@ -102,6 +102,27 @@ class PredictionFactory(factory.django.DjangoModelFactory):
     inference_ms = 5.0
     turnaround_ms = 50.0
 
+    class Params:
+        # A prediction with a class activation map and its overlay's key (the PNG itself
+        # is not written: tests that fetch it store one with services.heatmap_overlay_store).
+        with_heatmap = factory.Trait(
+            heatmap=factory.LazyFunction(
+                lambda: [[round((r + c) / 12, 4) for c in range(7)] for r in range(7)]
+            ),
+            heatmap_key=factory.LazyAttribute(
+                lambda prediction: f"heatmaps/{prediction.image.case_id}/{prediction.image.id}.png"
+            ),
+            ood_score=812.5,
+        )
+
+
+class RejectedImageFactory(ImageFactory):
+    """A slice the model refused to read: not a brain MRI slice (no prediction)."""
+
+    status = Status.REJECTED
+    error = "not a brain MRI slice: the image is blank (almost a single grey level)"
+    ood_score = 9120.0
+
 
 class WebhookFactory(factory.django.DjangoModelFactory):
     class Meta:

@@ -1,6 +1,7 @@
 """Every write to the domain happens in these modules; the API, the admin and the workers
-call them. `cases`: uploads and classification; `reviews`: the radiologist's reading;
-`audit`: the append-only trail every write records."""
+call them. `cases`: uploads and classification; `heatmaps`: the class activation overlays
+stored next to the images; `reviews`: the radiologist's reading; `audit`: the append-only
+trail every write records."""
 
 from diagnostics.services.cases import (
     Claim,
@@ -20,6 +21,11 @@ from diagnostics.services.cases import (
     prediction_record,
     site_for,
     user_create,
+)
+from diagnostics.services.heatmaps import (
+    heatmap_grid,
+    heatmap_key_for,
+    heatmap_overlay_store,
 )
 from diagnostics.services.reviews import (
     InvalidReview,
@@ -42,6 +48,9 @@ from diagnostics.services.webhooks import (
 )
 
 __all__ = [
+    "heatmap_grid",
+    "heatmap_key_for",
+    "heatmap_overlay_store",
     "InvalidWebhook",
     "case_event_record",
     "deliveries_resend_stuck",
