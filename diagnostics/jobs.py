@@ -9,5 +9,9 @@ from workers.app import app
 CLASSIFY_TASK = "workers.tasks.classify_image"
 
 
-def send_classify(image_id) -> None:
-    app.send_task(CLASSIFY_TASK, args=[str(image_id)])
+def send_classify(image_id, *, retries: int = 0, countdown: float | None = None) -> None:
+    """One classification job. `retries`: how many times the image's transient failures
+    (S3 or the database unreachable) were retried already; the task gives up at
+    CLASSIFY_MAX_RETRIES. `countdown`: seconds before a worker may start it."""
+    kwargs = {"retries": retries} if retries else {}
+    app.send_task(CLASSIFY_TASK, args=[str(image_id)], kwargs=kwargs, countdown=countdown)

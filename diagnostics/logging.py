@@ -27,6 +27,17 @@ def case_id_set(case_id) -> None:
 
 
 @contextmanager
+def case_context(case_id) -> Iterator[None]:
+    """Tag the records written inside with the case, keeping the task id: a worker's
+    batch holds images of many cases."""
+    token = _case_id.set(str(case_id) if case_id else None)
+    try:
+        yield
+    finally:
+        _case_id.reset(token)
+
+
+@contextmanager
 def log_context(*, case_id=None, task_id=None) -> Iterator[None]:
     case_token = _case_id.set(str(case_id) if case_id else None)
     task_token = _task_id.set(task_id)

@@ -190,6 +190,12 @@ CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=1)
 CELERY_WORKER_POOL = env.str("CELERY_WORKER_POOL", default="prefork")
 # How often a transient failure (S3 or database unreachable) is retried before the image fails.
 CLASSIFY_MAX_RETRIES = env.int("CLASSIFY_MAX_RETRIES", default=5)
+# A worker takes the jobs waiting for it as one batch: up to CLASSIFY_BATCH_SIZE, or what
+# arrived within CLASSIFY_BATCH_WAIT_MS of the first (bench/results/worker.md measured it).
+# Database writes are per batch; S3 fetches, decoding and heatmaps use CLASSIFY_IO_THREADS.
+CLASSIFY_BATCH_SIZE = env.int("CLASSIFY_BATCH_SIZE", default=16)
+CLASSIFY_BATCH_WAIT_MS = env.int("CLASSIFY_BATCH_WAIT_MS", default=20)
+CLASSIFY_IO_THREADS = env.int("CLASSIFY_IO_THREADS", default=4)
 # How many times a worker may start on one image before it fails: bounds an input that
 # crashes the model or kills the worker.
 CLASSIFY_MAX_ATTEMPTS = env.int("CLASSIFY_MAX_ATTEMPTS", default=3)
@@ -205,8 +211,8 @@ SWEEP_QUEUED_AFTER_S = env.int("SWEEP_QUEUED_AFTER_S", default=300)
 SWEEP_BATCH = env.int("SWEEP_BATCH", default=5000)
 
 # --- Review ----------------------------------------------------------------------------
-# A case "needs review" when a slice's predicted probability is below this, or a slice failed.
-REVIEW_CONFIDENCE_THRESHOLD = env.float("REVIEW_CONFIDENCE_THRESHOLD", default=0.8)
+# "Needs review" has no setting: a slice failed or was rejected, or the model flagged its
+# prediction, below the model's own review threshold (model.json `review_threshold`).
 # Lifetime of the links the case page gives to full-size images (served by the app).
 REVIEW_IMAGE_CACHE_S = env.int("REVIEW_IMAGE_CACHE_S", default=300)
 

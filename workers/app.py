@@ -43,9 +43,9 @@ app.conf.update(
     # crash never loses an image; services make the second delivery harmless.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
-    # Inference is long and CPU-bound: take one job at a time so waiting jobs stay
-    # available to idle workers.
-    worker_prefetch_multiplier=1,
+    # Classification runs in batches (workers.tasks): each pool process may hold one batch
+    # running and the next one filling; more would keep waiting jobs from idle workers.
+    worker_prefetch_multiplier=2 * settings.CLASSIFY_BATCH_SIZE,
     worker_concurrency=settings.CELERY_WORKER_CONCURRENCY,
     worker_pool=settings.CELERY_WORKER_POOL,
     # Above the longest job, or Redis would hand a running job to a second worker.

@@ -18,18 +18,14 @@ def _use_project_logging(**_):
 
 
 def _case_of(task_name: str, args) -> str | None:
-    from diagnostics.models import Image, WebhookDelivery
+    # classify_image runs a batch of images of many cases: the classification service
+    # puts each image's case id on the records it writes about that image.
+    from diagnostics.models import WebhookDelivery
 
-    if not args:
-        return None
-    if task_name == "workers.tasks.classify_image":
-        model = Image
-    elif task_name == "workers.webhooks.deliver_webhook":
-        model = WebhookDelivery
-    else:
+    if not args or task_name != "workers.webhooks.deliver_webhook":
         return None
     try:
-        return model.objects.filter(id=args[0]).values_list("case_id", flat=True).first()
+        return WebhookDelivery.objects.filter(id=args[0]).values_list("case_id", flat=True).first()
     except Exception:  # noqa: BLE001  (a bad id or a database outage: log without the case)
         return None
 

@@ -9,19 +9,16 @@ import django
 django.setup()
 
 from celery.signals import worker_process_init, worker_ready  # noqa: E402
+from celery_batches import Batches, SimpleRequest  # noqa: E402
+from celery_batches.trace import apply_batches_task  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.db import DatabaseError  # noqa: E402
 
-from diagnostics import services  # noqa: E402
-from diagnostics.storage import StorageUnavailable  # noqa: E402
+from diagnostics import jobs, services  # noqa: E402
 from workers import instruments  # noqa: E402
 from workers.app import app  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-# Errors that go away by themselves: the object store or the database being unreachable.
-TRANSIENT_ERRORS = (StorageUnavailable, DatabaseError)
-
 
 _loading = threading.Lock()
 
@@ -65,33 +62,85 @@ def _backoff_s(retries: int) -> int:
     return min(2 ** (retries + 1), 60)
 
 
-@app.task(bind=True, max_retries=settings.CLASSIFY_MAX_RETRIES)
-def classify_image(self, image_id: str):
+class ClassifyBatches(Batches):
+    """celery-batches' Batches, acknowledging a batch's jobs once it ran and giving them
+    back to the broker when its pool process died or was killed at the time limit (what
+    task_acks_late and task_reject_on_worker_lost do for plain tasks; Batches has no such
+    path, so the jobs would stay reserved and unacknowledged by this worker for good)."""
+
+    def flush(self, requests):
+        requests = list(requests)
+        batch = ([SimpleRequest.from_request(request) for request in requests],)
+
+        def acknowledge(_result):
+            for request in requests:
+                request.acknowledge()
+
+        def give_back(_error):
+            for request in requests:
+                request.reject(requeue=True)
+
+        return self._pool.apply_async(
+            apply_batches_task,
+            (self, batch, 0, None),
+            callback=acknowledge,
+            error_callback=give_back,
+        )
+
+
+@app.task(
+    base=ClassifyBatches,
+    flush_every=settings.CLASSIFY_BATCH_SIZE,
+    flush_interval=settings.CLASSIFY_BATCH_WAIT_MS / 1000,
+)
+def classify_image(requests):
+    """The jobs this worker holds, as one batch; each job's args are [image id]."""
+    retries = {}
+    for request in requests:
+        retries[str(request.args[0])] = int((request.kwargs or {}).get("retries", 0))
     try:
-        prediction = services.image_classify(image_id=image_id, classifier=classifier())
-    except services.ImageBusy as busy:
-        # Another worker holds a fresh claim (or died holding it): look again when it lapses.
+        outcome = services.images_classify(image_ids=list(retries), classifier=classifier())
+    except DatabaseError as exc:
+        # Nothing of the batch was written: send every job again, later.
+        logger.warning("database unavailable, %d jobs sent again: %s", len(retries), exc)
+        for image_id, tries in retries.items():
+            _again(image_id, tries, str(exc), instruments_outcome="retried")
+        return
+    for image_id, retry_in_s in outcome.busy.items():
+        # Another worker holds a fresh claim (or died holding it): look when it lapses.
+        _send(image_id, retries=retries[image_id], countdown=retry_in_s)
         instruments.job_outcome("busy")
-        raise self.retry(countdown=busy.retry_in_s, max_retries=None) from busy
-    except TRANSIENT_ERRORS as exc:
-        if self.request.retries >= self.max_retries:
-            services.image_fail(image_id, f"gave up after {self.request.retries + 1} tries: {exc}")
-            instruments.failed()
-            return
-        services.image_release(image_id)
-        instruments.job_outcome("retried")
-        raise self.retry(exc=exc, countdown=_backoff_s(self.request.retries)) from exc
-    except Exception as exc:
-        # The model raised on this input: try again a bounded number of times, then fail
-        # the image with the cause; the worker keeps serving other images.
-        logger.exception("classifying image %s failed", image_id)
-        cause = f"classification error: {type(exc).__name__}: {exc}"
-        if services.image_attempt_failed(image_id, cause):
-            instruments.job_outcome("model_error")
-            raise self.retry(countdown=_backoff_s(self.request.retries), max_retries=None) from exc
-        instruments.failed()
-    else:
+    for image_id, cause in outcome.transient.items():
+        _again(image_id, retries[image_id], cause, instruments_outcome="retried")
+    for image_id in outcome.model_errors:
+        # The image is queued again with one attempt used; a later try may succeed.
+        _send(image_id, retries=retries[image_id], countdown=_backoff_s(retries[image_id]))
+        instruments.job_outcome("model_error")
+    for image_id, prediction in outcome.predictions.items():
         instruments.classified(image_id, prediction)
+    for _ in outcome.failed:
+        instruments.failed()
+    for reason in outcome.rejected.values():
+        instruments.rejected(reason)
+    for _ in outcome.skipped:
+        instruments.job_outcome("skipped")
+
+
+def _again(image_id: str, tries: int, cause: str, *, instruments_outcome: str) -> None:
+    """A transient failure: send the job again with backoff, or fail the image for good."""
+    if tries >= settings.CLASSIFY_MAX_RETRIES:
+        services.image_fail(image_id, f"gave up after {tries + 1} tries: {cause}")
+        instruments.failed()
+        return
+    _send(image_id, retries=tries + 1, countdown=_backoff_s(tries))
+    instruments.job_outcome(instruments_outcome)
+
+
+def _send(image_id: str, *, retries: int, countdown: float) -> None:
+    try:
+        jobs.send_classify(image_id, retries=retries, countdown=countdown)
+    except Exception:  # noqa: BLE001  (Redis down: the image stays queued in PostgreSQL)
+        logger.exception("could not send image %s again; the sweeper will", image_id)
 
 
 @app.task

@@ -4,7 +4,6 @@ stored next to the images; `reviews`: the radiologist's reading; `audit`: the ap
 trail every write records."""
 
 from diagnostics.services.cases import (
-    Claim,
     IdempotencyKeyReused,
     ImageBusy,
     NoSite,
@@ -12,15 +11,17 @@ from diagnostics.services.cases import (
     case_create,
     demo_user_ensure,
     enqueue_images,
-    image_attempt_failed,
-    image_claim,
     image_classify,
     image_fail,
-    image_release,
     images_resend_stuck,
-    prediction_record,
     site_for,
     user_create,
+)
+from diagnostics.services.classification import (
+    BatchOutcome,
+    images_claim,
+    images_classify,
+    images_fail,
 )
 from diagnostics.services.heatmaps import (
     heatmap_grid,
@@ -48,6 +49,10 @@ from diagnostics.services.webhooks import (
 )
 
 __all__ = [
+    "BatchOutcome",
+    "images_claim",
+    "images_classify",
+    "images_fail",
     "heatmap_grid",
     "heatmap_key_for",
     "heatmap_overlay_store",
@@ -66,7 +71,6 @@ __all__ = [
     "case_review",
     "roles_ensure",
     "user_roles_set",
-    "Claim",
     "IdempotencyKeyReused",
     "ImageBusy",
     "NoSite",
@@ -74,13 +78,9 @@ __all__ = [
     "case_create",
     "demo_user_ensure",
     "enqueue_images",
-    "image_claim",
     "image_classify",
-    "image_attempt_failed",
     "image_fail",
-    "image_release",
     "images_resend_stuck",
-    "prediction_record",
     "site_for",
     "user_create",
 ]

@@ -2,36 +2,28 @@
 
 import hashlib
 import logging
-import time
 import uuid
-from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Q
-from django.db.models.functions import Now
+from django.db.models import Q
 from django.utils import timezone
 
 from diagnostics import jobs, storage
 from diagnostics.errors import Conflict, Forbidden, InvalidUpload, ServiceUnavailable
 from diagnostics.models import (
-    TERMINAL_STATUSES,
     Case,
     Image,
     Prediction,
     ReviewStatus,
     Site,
     Status,
-    WebhookEvent,
 )
-from diagnostics.services import audit, webhooks
+from diagnostics.services import audit, classification
 from diagnostics.uploads import CheckedImage, check_image
 
 logger = logging.getLogger(__name__)
-
-# Slack between Celery's hard time limit and treating a claim as abandoned.
-CLAIM_MARGIN_S = 5
 
 
 class NoSite(InvalidUpload):
@@ -253,7 +245,9 @@ def _study_slices_add(case: Case, checked: list[CheckedImage], *, user) -> tuple
             Image.objects.bulk_create(images)
             if images:
                 audit.case_images_added(case=locked, images=images, actor=user)
-                _refresh_case_status(case.id)
+                classification.cases_status_refresh(
+                    {locked.id: classification.LockedCase(locked.site_id, locked.status)}
+                )
                 image_ids = [image.id for image in images]
                 transaction.on_commit(lambda: enqueue_images(image_ids))
         kept = {image.s3_key for image in images} | {image.rendering_key for image in images}
@@ -311,97 +305,13 @@ def enqueue_images(image_ids) -> int:
             break
         sent.append(image_id)
     if sent:
-        now = timezone.now()
-        Image.objects.filter(id__in=sent, status=Status.RECEIVED).update(
-            status=Status.QUEUED, queued_at=now
-        )
-        for case_id in set(Image.objects.filter(id__in=sent).values_list("case_id", flat=True)):
-            _refresh_case_status(case_id)
-    return len(sent)
-
-
-@dataclass(frozen=True)
-class Claim:
-    """The outcome of a worker asking for an image: `image` when it is now this worker's;
-    `retry_in_s` when another worker's claim is still fresh (look again after that);
-    neither when there is nothing left to do (done, failed, gone)."""
-
-    image: Image | None = None
-    retry_in_s: float | None = None
-
-
-def _lease() -> timedelta:
-    # Celery kills a job at its hard time limit, so an older claim has no live worker.
-    return timedelta(seconds=settings.CLASSIFY_TIME_LIMIT_S + CLAIM_MARGIN_S)
-
-
-def image_claim(image_id) -> Claim:
-    """Move an image to `processing` for this worker.
-
-    A claim older than the lease was left by a worker that died (its job comes back from
-    the broker or the sweeper); it is taken over, unless the image has used up its
-    attempts, which is how an input that kills the worker ends up failed with a cause.
-    Times come from the database clock, shared by every worker.
-    """
-    abandoned = Q(
-        status=Status.PROCESSING,
-        processing_started_at__lt=ExpressionWrapper(Now() - _lease(), output_field=DateTimeField()),
-    )
-    with transaction.atomic():
-        # The common case (a queued image) first: one UPDATE. An abandoned claim is taken
-        # over only while attempts are left; otherwise the second UPDATE fails the image.
-        claimed = Image.objects.filter(
-            Q(status__in=[Status.RECEIVED, Status.QUEUED])
-            | (abandoned & Q(attempts__lt=settings.CLASSIFY_MAX_ATTEMPTS)),
-            id=image_id,
-        ).update(status=Status.PROCESSING, processing_started_at=Now(), attempts=F("attempts") + 1)
-        worn_out = 0
-        if not claimed:
-            worn_out = Image.objects.filter(
-                abandoned, id=image_id, attempts__gte=settings.CLASSIFY_MAX_ATTEMPTS
-            ).update(
-                status=Status.FAILED,
-                finished_at=Now(),
-                error=f"a worker stopped while classifying this image "
-                f"{settings.CLASSIFY_MAX_ATTEMPTS} times; the image may crash the model",
+        with transaction.atomic():
+            Image.objects.filter(id__in=sent, status=Status.RECEIVED).update(
+                status=Status.QUEUED, queued_at=timezone.now()
             )
-        image = Image.objects.filter(id=image_id).first()
-        if image is None:
-            return Claim()
-        if worn_out:
-            audit.image_failed(image_id=image_id)
-        if worn_out or claimed:
-            _refresh_case_status(image.case_id)
-        if claimed:
-            return Claim(image=image)
-        if image.status == Status.PROCESSING:
-            expires = image.processing_started_at + _lease()
-            return Claim(retry_in_s=max((expires - timezone.now()).total_seconds(), 1.0))
-        return Claim()
-
-
-def image_release(image_id) -> None:
-    """Give a claimed image back to the queue (its job will be retried)."""
-    Image.objects.filter(id=image_id, status=Status.PROCESSING).update(status=Status.QUEUED)
-
-
-def image_attempt_failed(image_id, cause: str) -> bool:
-    """The model raised on this image. Release it for another try (True), or fail it with
-    the cause once it has used its attempts (False)."""
-    with transaction.atomic():
-        failed = Image.objects.filter(
-            id=image_id, status=Status.PROCESSING, attempts__gte=settings.CLASSIFY_MAX_ATTEMPTS
-        ).update(
-            status=Status.FAILED,
-            finished_at=Now(),
-            error=f"{cause[:1900]} (after {settings.CLASSIFY_MAX_ATTEMPTS} attempts)",
-        )
-        if failed:
-            audit.image_failed(image_id=image_id)
-            _refresh_case_status(Image.objects.values_list("case_id", flat=True).get(id=image_id))
-            return False
-    image_release(image_id)
-    return True
+            case_ids = set(Image.objects.filter(id__in=sent).values_list("case_id", flat=True))
+            classification.cases_status_refresh(classification.cases_lock(case_ids))
+    return len(sent)
 
 
 def images_resend_stuck() -> int:
@@ -425,7 +335,7 @@ def images_resend_stuck() -> int:
                 status=Status.QUEUED,
                 queued_at__lt=now - timedelta(seconds=settings.SWEEP_QUEUED_AFTER_S),
             )
-            | Q(status=Status.PROCESSING, processing_started_at__lt=now - _lease())
+            | Q(status=Status.PROCESSING, processing_started_at__lt=now - classification.lease())
         ).values_list("id", flat=True)[: settings.SWEEP_BATCH]
     )
     sent = enqueue_images(received) if received else 0
@@ -445,16 +355,8 @@ def images_resend_stuck() -> int:
 
 
 def image_fail(image_id, cause: str) -> None:
-    with transaction.atomic():
-        updated = (
-            Image.objects.filter(id=image_id)
-            .exclude(status__in=TERMINAL_STATUSES)
-            .update(status=Status.FAILED, error=cause[:2000], finished_at=timezone.now())
-        )
-        if updated:
-            audit.image_failed(image_id=image_id)
-            _refresh_case_status(Image.objects.values_list("case_id", flat=True).get(id=image_id))
-    logger.warning("image %s failed: %s", image_id, cause)
+    """Fail one unfinished image with its cause."""
+    classification.images_fail({str(image_id): cause})
 
 
 class ImageBusy(Exception):
@@ -466,94 +368,16 @@ class ImageBusy(Exception):
 
 
 def image_classify(*, image_id, classifier) -> Prediction | None:
-    """Claim, fetch, classify and record one image. Returns None when there is nothing to
-    do (already done, failed, or being processed by another worker).
-
-    Raises storage.StorageUnavailable for the caller to retry, and ImageBusy when another
-    worker holds a fresh claim; an image the model's loader cannot decode fails at once
-    with the cause.
-    """
-    from ml.inference import UnreadableImage
-
-    claim = image_claim(image_id)
-    if claim.retry_in_s is not None:
-        raise ImageBusy(claim.retry_in_s)
-    if claim.image is None:
-        return None
-    # A DICOM slice is classified from its 8-bit rendering, like any other upload's image.
-    data = storage.get(claim.image.rendering_key or claim.image.s3_key)
-    started = time.perf_counter()
-    try:
-        [result] = classifier.predict([data])
-    except UnreadableImage as exc:
-        image_fail(image_id, f"the model could not read the image: {exc}")
-        return None
-    inference_ms = (time.perf_counter() - started) * 1000
-    return prediction_record(
-        image_id=image_id, result=result, classifier=classifier, inference_ms=inference_ms
-    )
-
-
-def prediction_record(*, image_id, result, classifier, inference_ms: float) -> Prediction:
-    """Write the prediction and mark the image done, once: a second delivery of the same
-    job finds the existing prediction and returns it."""
-    with transaction.atomic():
-        image = Image.objects.select_for_update().get(id=image_id)
-        # Only a done image has a prediction (both are written here, together): skip the
-        # look-up, a round trip, on the common path.
-        if image.status == Status.DONE:
-            existing = Prediction.objects.filter(image_id=image_id).first()
-            if existing is not None:
-                return existing
-        now = timezone.now()
-        prediction = Prediction.objects.create(
-            image=image,
-            label=result.label,
-            probabilities=result.probabilities,
-            model_name=classifier.name,
-            model_version=classifier.version,
-            model_sha256=classifier.sha256,
-            runtime=classifier.runtime,
-            inference_ms=inference_ms,
-            turnaround_ms=(now - image.received_at).total_seconds() * 1000,
-        )
-        audit.prediction_recorded(prediction=prediction, case_id=image.case_id)
-        Image.objects.filter(id=image_id).update(status=Status.DONE, error="", finished_at=now)
-        _refresh_case_status(image.case_id)
-    return prediction
-
-
-def _refresh_case_status(case_id) -> None:
-    """Derive the case's status from its images. The case row is locked first so two
-    workers finishing the last two images of a case cannot both miss the other's update."""
-    # No savepoint when called inside a transaction (its two round trips per result): an
-    # error here propagates and rolls the caller's transaction back anyway.
-    with transaction.atomic(savepoint=False):
-        case = Case.objects.select_for_update().only("status").get(id=case_id)
-        counts = dict(
-            Image.objects.filter(case_id=case_id)
-            .values_list("status")
-            .annotate(n=Count("id"))
-            .values_list("status", "n")
-        )
-        total = sum(counts.values())
-        terminal = counts.get(Status.DONE, 0) + counts.get(Status.FAILED, 0)
-        completed_at = None
-        if total and terminal == total:
-            status = Status.DONE if counts.get(Status.DONE) else Status.FAILED
-            completed_at = timezone.now()
-        elif terminal or counts.get(Status.PROCESSING):
-            status = Status.PROCESSING
-        elif counts.get(Status.QUEUED):
-            status = Status.QUEUED
-        else:
-            status = Status.RECEIVED
-        if status != case.status:
-            Case.objects.filter(id=case_id).update(status=status, completed_at=completed_at)
-            audit.case_status_changed(case_id=case_id, old=case.status, new=status)
-            if status in TERMINAL_STATUSES:
-                # Sent after the commit; a rolled-back change announces nothing.
-                webhooks.case_event_record(case_id=case_id, event=WebhookEvent.CASE_COMPLETED)
+    """Classify one image now (a batch of one): its prediction, or None when there is
+    none (nothing to do, or the image failed or was rejected). Raises ImageBusy when
+    another worker holds a fresh claim, and StorageUnavailable when S3 is unreachable."""
+    outcome = classification.images_classify(image_ids=[image_id], classifier=classifier)
+    key = str(image_id)
+    if key in outcome.busy:
+        raise ImageBusy(outcome.busy[key])
+    if key in outcome.transient:
+        raise storage.StorageUnavailable(outcome.transient[key])
+    return outcome.predictions.get(key)
 
 
 def user_create(*, username: str, site: Site, password: str | None = None, is_staff=False):

@@ -26,9 +26,10 @@ from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.core.validators import URLValidator
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, Q
 from django.utils import timezone
 
+from diagnostics import selectors
 from diagnostics.errors import DomainError, Forbidden, NotFound
 from diagnostics.models import Case, Image, Status, Webhook, WebhookDelivery, WebhookEvent
 
@@ -130,22 +131,39 @@ def case_event_record(*, case_id, event: str) -> list[WebhookDelivery]:
     """Queue `event` about the case for every webhook of its site that wants it. Call it
     inside the transaction that makes the change; the jobs go out after the commit."""
     case = Case.objects.only("id", "site_id").get(id=case_id)
-    webhooks = [w for w in Webhook.objects.filter(site_id=case.site_id) if w.wants(event)]
+    return cases_event_record(case_sites={case.id: case.site_id}, event=event)
+
+
+def cases_event_record(*, case_sites: dict, event: str) -> list[WebhookDelivery]:
+    """case_event_record for many cases ({case id: site id}) at once: the workers' batches
+    pay one query when none of the sites has a webhook, the common case."""
+    webhooks = [
+        w for w in Webhook.objects.filter(site_id__in=set(case_sites.values())) if w.wants(event)
+    ]
     if not webhooks:
         return []
-    payload = _case_payload(case_id, event)
-    deliveries = WebhookDelivery.objects.bulk_create(
-        WebhookDelivery(webhook=webhook, event=event, case_id=case_id, payload=payload)
-        for webhook in webhooks
-    )
+    deliveries = []
+    for case_id, site_id in case_sites.items():
+        payload = None
+        for webhook in webhooks:
+            if webhook.site_id == site_id:
+                payload = payload or _case_payload(case_id, event)
+                deliveries.append(
+                    WebhookDelivery(webhook=webhook, event=event, case_id=case_id, payload=payload)
+                )
+    deliveries = WebhookDelivery.objects.bulk_create(deliveries)
     delivery_ids = [delivery.id for delivery in deliveries]
     transaction.on_commit(lambda: deliveries_send(delivery_ids))
     return deliveries
 
 
 def _case_payload(case_id, event: str) -> dict:
-    case = Case.objects.get(id=case_id)
-    images = Image.objects.filter(case_id=case_id)
+    case = Case.objects.annotate(needs_review=selectors.case_needs_review()).get(id=case_id)
+    counts = Image.objects.filter(case_id=case_id).aggregate(
+        images=Count("id"),
+        failed=Count("id", filter=Q(status=Status.FAILED)),
+        rejected=Count("id", filter=Q(status=Status.REJECTED)),
+    )
     return {
         "event": event,
         "occurred_at": timezone.now(),
@@ -153,8 +171,12 @@ def _case_payload(case_id, event: str) -> dict:
             "id": case.id,
             "status": case.status,
             "completed_at": case.completed_at,
-            "images": images.count(),
-            "failed_images": images.filter(status=Status.FAILED).count(),
+            "images": counts["images"],
+            "failed_images": counts["failed"],
+            # Not brain MRI slices (or unlike the model's training data): no label.
+            "rejected_images": counts["rejected"],
+            # A slice failed or was rejected, or the model is unsure of one.
+            "needs_review": case.needs_review,
             "predicted_label": case.predicted_label or None,
             "predicted_confidence": case.predicted_confidence,
             "review_status": case.review_status,

@@ -8,8 +8,9 @@ from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from rest_framework.test import APIClient
 
+from diagnostics import services
 from diagnostics.logging import ContextFilter, JsonFormatter
-from tests.factories import ImageFactory, UserFactory, token_for
+from tests.factories import UserFactory, token_for
 from tests.images import image_bytes
 from workers import logs
 from workers.tasks import classify_image
@@ -74,18 +75,21 @@ def test_an_upload_logs_one_request_line_with_the_new_case_id_and_no_phi(json_li
     assert PATIENT_NAME not in written and REFERENCE not in written
 
 
-def test_a_workers_records_carry_the_case_of_the_image_it_works_on(json_lines):
-    image = ImageFactory()
-    worker_logger = logging.getLogger("workers.tasks")
+def test_a_workers_records_carry_the_case_of_the_image_they_are_about(json_lines):
+    from tests.diagnostics.services.test_classification import StubClassifier, _uploaded
 
-    logs._enter_job_context(task_id="job-1", task=classify_image, args=[str(image.id)])
-    worker_logger.info("working")
+    [image] = _uploaded()
+    worker_logger = logging.getLogger("diagnostics.services.classification")
+    crashing = StubClassifier(error=RuntimeError("kernel exploded"))
+
+    logs._enter_job_context(task_id="job-1", task=classify_image, args=[[image.id]])
+    services.images_classify(image_ids=[image.id], classifier=crashing)
     logs._leave_job_context(task_id="job-1")
     worker_logger.info("idle")
 
-    working, idle = [line for line in json_lines() if line["logger"] == "workers.tasks"]
+    working, idle = [line for line in json_lines() if line["logger"] == worker_logger.name]
     assert (working["message"], working["case_id"], working["task_id"]) == (
-        "working",
+        f"classifying image {image.id} failed",
         str(image.case_id),
         "job-1",
     )

@@ -12,11 +12,12 @@ from workers.app import app
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_jobs_are_acknowledged_late_one_at_a_time_with_time_limits():
+def test_jobs_are_acknowledged_late_in_batches_with_time_limits():
     conf = app.conf
     assert conf.task_acks_late is True
     assert conf.task_reject_on_worker_lost is True
-    assert conf.worker_prefetch_multiplier == 1
+    # One batch running and the next filling (workers.tasks.classify_image).
+    assert conf.worker_prefetch_multiplier == 2 * settings.CLASSIFY_BATCH_SIZE
     assert conf.task_time_limit == settings.CLASSIFY_TIME_LIMIT_S
     assert 0 < conf.task_soft_time_limit < conf.task_time_limit
     # Redis must not hand a job that is still running to a second worker.

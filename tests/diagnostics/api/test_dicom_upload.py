@@ -265,7 +265,7 @@ def test_a_dicom_with_every_basic_profile_attribute_leaves_none_in_s3_database_o
     ]
 
     objects = [storage.get(key) for key in s3_keys()]
-    assert len(objects) == 2  # the de-identified DICOM and its rendering
+    assert len(objects) == 3  # the de-identified DICOM, its rendering, the heatmap overlay
     in_database = database_text()
     assert case_id in in_database  # the dump has the case's rows in it
     assert caplog.records, "nothing was logged, so the logs' check below would prove nothing"

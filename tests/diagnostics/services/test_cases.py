@@ -1,6 +1,5 @@
 import json
 from datetime import timedelta
-from types import SimpleNamespace
 
 import pytest
 from django.conf import settings
@@ -8,8 +7,8 @@ from django.utils import timezone
 
 from diagnostics import jobs, services, storage
 from diagnostics.errors import InvalidUpload, ServiceUnavailable
-from diagnostics.models import Case, Image, Prediction, Status
-from tests.factories import CaseFactory, ImageFactory, UserFactory
+from diagnostics.models import Case, Image, Status
+from tests.factories import ImageFactory, UserFactory
 from tests.images import image_bytes
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("s3_bucket")]
@@ -76,69 +75,17 @@ def test_enqueue_leaves_images_received_when_the_broker_is_down(monkeypatch):
     assert image.status == Status.RECEIVED
 
 
-def test_claim_is_guarded_so_only_one_worker_processes_an_image():
-    image = ImageFactory(status=Status.QUEUED)
-
-    first = services.image_claim(image.id)
-    second = services.image_claim(image.id)
-
-    assert first.image.status == Status.PROCESSING and first.image.attempts == 1
-    assert second.image is None
-    # The second worker is told to look again when the first claim's lease runs out.
-    assert 0 < second.retry_in_s <= settings.CLASSIFY_TIME_LIMIT_S + services.cases.CLAIM_MARGIN_S
-
-
-def _abandoned_claim(attempts):
-    stale = timezone.now() - timedelta(seconds=settings.CLASSIFY_TIME_LIMIT_S + 10)
-    return ImageFactory(status=Status.PROCESSING, processing_started_at=stale, attempts=attempts)
-
-
-def test_a_claim_abandoned_by_a_dead_worker_is_taken_over():
-    claim = services.image_claim(_abandoned_claim(attempts=1).id)
-    assert claim.image.attempts == 2
-
-
-def test_an_image_that_keeps_killing_workers_fails_with_the_cause():
-    image = _abandoned_claim(attempts=settings.CLASSIFY_MAX_ATTEMPTS)
-
-    claim = services.image_claim(image.id)
-
-    assert claim == services.Claim()
-    image.refresh_from_db()
-    assert image.status == Status.FAILED
-    assert image.error == (
-        "a worker stopped while classifying this image 3 times; the image may crash the model"
-    )
-    assert image.case.status == Status.FAILED
-
-
-@pytest.mark.parametrize("status", [Status.DONE, Status.FAILED])
-def test_finished_images_are_never_claimed_again(status):
-    assert services.image_claim(ImageFactory(status=status).id) == services.Claim()
-
-
-def test_a_model_error_releases_the_image_until_its_attempts_are_used():
-    image = ImageFactory(status=Status.QUEUED)
-    services.image_claim(image.id)
-
-    assert services.image_attempt_failed(image.id, "classification error: boom") is True
-    image.refresh_from_db()
-    assert image.status == Status.QUEUED
-
-    Image.objects.filter(id=image.id).update(attempts=settings.CLASSIFY_MAX_ATTEMPTS)
-    services.image_claim(image.id)
-    assert services.image_attempt_failed(image.id, "classification error: boom") is False
-    image.refresh_from_db()
-    assert image.status == Status.FAILED
-    assert image.error == "classification error: boom (after 3 attempts)"
-
-
 def test_the_sweeper_resends_what_postgres_says_is_stuck(broker):
     old = timezone.now() - timedelta(hours=1)
     never_sent = ImageFactory(status=Status.RECEIVED)
     Image.objects.filter(id=never_sent.id).update(received_at=old)
     lost_in_redis = ImageFactory(status=Status.QUEUED, queued_at=old)
-    abandoned = _abandoned_claim(attempts=1)
+    abandoned = ImageFactory(
+        status=Status.PROCESSING,
+        processing_started_at=timezone.now()
+        - timedelta(seconds=settings.CLASSIFY_TIME_LIMIT_S + 10),
+        attempts=1,
+    )
     ImageFactory(status=Status.QUEUED, queued_at=timezone.now())  # waiting normally
     ImageFactory(status=Status.DONE)
 
@@ -154,68 +101,6 @@ def test_the_sweeper_resends_what_postgres_says_is_stuck(broker):
     assert lost_in_redis.queued_at > old
     # Nothing is sent twice by the next sweep.
     assert services.images_resend_stuck() == 1  # only the abandoned claim, until a worker takes it
-
-
-def _classifier():
-    return SimpleNamespace(name="tiny-test", version="0", sha256="a" * 64, runtime="keras")
-
-
-def _result(label="glioma"):
-    probabilities = dict.fromkeys(("glioma", "meningioma", "no_tumor", "pituitary"), 0.0)
-    probabilities[label] = 1.0
-    return SimpleNamespace(label=label, probabilities=probabilities)
-
-
-def test_prediction_is_recorded_once_even_if_the_job_runs_twice():
-    image = ImageFactory(status=Status.PROCESSING)
-
-    first = services.prediction_record(
-        image_id=image.id, result=_result(), classifier=_classifier(), inference_ms=3.0
-    )
-    second = services.prediction_record(
-        image_id=image.id, result=_result("pituitary"), classifier=_classifier(), inference_ms=4.0
-    )
-
-    assert first.pk == second.pk
-    assert Prediction.objects.get().label == "glioma"
-    image.refresh_from_db()
-    assert image.status == Status.DONE and image.finished_at is not None
-
-
-def test_case_status_is_derived_from_its_images():
-    case = CaseFactory()
-    first, second = ImageFactory(case=case), ImageFactory(case=case)
-    services.image_claim(first.id)
-    assert Case.objects.get(id=case.id).status == Status.PROCESSING
-
-    services.prediction_record(
-        image_id=first.id, result=_result(), classifier=_classifier(), inference_ms=1.0
-    )
-    assert Case.objects.get(id=case.id).status == Status.PROCESSING
-
-    services.image_fail(second.id, "broken")
-    case.refresh_from_db()
-    assert case.status == Status.DONE and case.completed_at is not None
-
-
-def test_a_case_whose_images_all_failed_is_failed():
-    image = ImageFactory()
-    services.image_fail(image.id, "the model could not read the image")
-    image.refresh_from_db()
-    assert image.case.status == Status.FAILED
-    assert image.error == "the model could not read the image"
-
-
-def test_image_classify_runs_the_real_model_and_records_its_version(tiny_classifier):
-    case, _ = services.case_create(user=UserFactory(), uploads=[("a.jpg", image_bytes())])
-    image = case.images.get()
-
-    prediction = services.image_classify(image_id=image.id, classifier=tiny_classifier)
-
-    assert prediction.label in ("glioma", "meningioma", "no_tumor", "pituitary")
-    assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
-    assert (prediction.model_name, prediction.model_version) == ("tiny-test", "0")
-    assert services.image_classify(image_id=image.id, classifier=tiny_classifier) is None
 
 
 def test_demo_user_gets_a_site_and_a_stable_token():
