@@ -90,6 +90,26 @@ class NeedsReviewFilter(admin.SimpleListFilter):
         return queryset
 
 
+class SliceFilter(admin.SimpleListFilter):
+    """Why a case needs review: which of its slices the model could not vouch for."""
+
+    title = "slices"
+    parameter_name = "slices"
+    LOOKUPS = {
+        "rejected": ("a slice was rejected (not a brain MRI)", "has_rejected_image"),
+        "failed": ("a slice failed", "has_failed_image"),
+        "flagged": ("the model is unsure of a slice", "has_flagged_image"),
+    }
+
+    def lookups(self, request, model_admin):
+        return [(value, title) for value, (title, _) in self.LOOKUPS.items()]
+
+    def queryset(self, request, queryset):
+        if self.value() in self.LOOKUPS:
+            return queryset.filter(**{self.LOOKUPS[self.value()][1]: True})
+        return queryset
+
+
 class AssignedFilter(admin.SimpleListFilter):
     title = "assigned to"
     parameter_name = "assigned"
@@ -161,6 +181,7 @@ class CaseAdmin(admin.ModelAdmin):
         PredictedLabelFilter,
         "review_status",
         NeedsReviewFilter,
+        SliceFilter,
         AssignedFilter,
     ]
     search_fields = ["reference"]
@@ -245,12 +266,18 @@ class CaseAdmin(admin.ModelAdmin):
     def get_urls(self):
         # cacheable: the browser may keep a slice for a few minutes (private, not shared).
         image_view = self.admin_site.admin_view(self.image_view, cacheable=True)
+        heatmap_view = self.admin_site.admin_view(self.heatmap_view, cacheable=True)
         thumbnail_view = self.admin_site.admin_view(self.thumbnail_view, cacheable=True)
         return [
             path(
                 "<uuid:case_id>/images/<uuid:image_id>/",
                 image_view,
                 name="diagnostics_case_image",
+            ),
+            path(
+                "<uuid:case_id>/images/<uuid:image_id>/heatmap/",
+                heatmap_view,
+                name="diagnostics_case_heatmap",
             ),
             path("<uuid:case_id>/thumbnail/", thumbnail_view, name="diagnostics_case_thumbnail"),
             *super().get_urls(),
@@ -274,6 +301,18 @@ class CaseAdmin(admin.ModelAdmin):
         if image is None:
             raise Http404("no such image")
         return _image_response(image, thumbnail=request.GET.get("size") == "thumb")
+
+    def heatmap_view(self, request, case_id, image_id):
+        """A slice's heatmap overlay (PNG), after the same site check as the slice."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        try:
+            png = selectors.image_heatmap_get(user=request.user, case_id=case_id, image_id=image_id)
+        except storage.StorageUnavailable:
+            return HttpResponse("object storage is unavailable", status=503)
+        if png is None:
+            raise Http404("no such image, or it has no heatmap")
+        return _private_response(png, content_type="image/png")
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         if not self.has_view_permission(request):
@@ -341,6 +380,8 @@ class CaseAdmin(admin.ModelAdmin):
             {
                 "image": image,
                 "url": reverse("admin:diagnostics_case_image", args=[case.id, image.id]),
+                "heatmap_url": _heatmap_url(image),
+                "ood_score": _ood_score(image),
                 "probabilities": _probabilities(image),
             }
             for image in case.images.all()
@@ -356,7 +397,6 @@ class CaseAdmin(admin.ModelAdmin):
             "audit_events": list(selectors.audit_events_for_case(user=user, case_id=case.id)),
             "is_open": is_open,
             "is_finished": case.status in TERMINAL_STATUSES,
-            "needs_review_threshold": settings.REVIEW_CONFIDENCE_THRESHOLD,
             "may_review": may_review and is_open and case.status in TERMINAL_STATUSES,
             "may_claim": may_review and is_open and case.assigned_to_id is None,
             "may_release": may_review and case.assigned_to_id == user.id and is_open,
@@ -366,6 +406,7 @@ class CaseAdmin(admin.ModelAdmin):
             ),
             "review_form": ReviewForm(initial={"version": case.review_version}),
             "failed": Status.FAILED,
+            "rejected": Status.REJECTED,
         }
         return TemplateResponse(
             request, "admin/diagnostics/case/review.html", context, status=status
@@ -383,10 +424,30 @@ def _image_response(image, *, thumbnail: bool) -> HttpResponse:
         data, content_type = _thumbnail(data), "image/jpeg"
     elif content_type not in BROWSER_IMAGE_TYPES:
         data, content_type = _as_png(data), "image/png"
+    return _private_response(data, content_type=content_type)
+
+
+def _private_response(data: bytes, *, content_type: str) -> HttpResponse:
     response = HttpResponse(data, content_type=content_type)
     response["Cache-Control"] = f"private, max-age={settings.REVIEW_IMAGE_CACHE_S}"
     response["X-Content-Type-Options"] = "nosniff"
     return response
+
+
+def _ood_score(image) -> float | None:
+    """The slice's OOD score: on the image (rejected ones have no prediction), else on
+    its prediction."""
+    if image.ood_score is not None:
+        return image.ood_score
+    prediction = getattr(image, "prediction", None)
+    return prediction.ood_score if prediction is not None else None
+
+
+def _heatmap_url(image) -> str | None:
+    prediction = getattr(image, "prediction", None)
+    if prediction is None or not prediction.heatmap_key:
+        return None
+    return reverse("admin:diagnostics_case_heatmap", args=[image.case_id, image.id])
 
 
 def _probabilities(image) -> list[tuple[str, str]]:

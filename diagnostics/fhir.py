@@ -6,6 +6,12 @@ is validated against the FHIR schema as it is built. Its R4B package is used: fh
 8 ships R5 (the default), R4B and STU3; R4B (4.3) is R4 with technical corrections, and the
 resources used here have the same elements in both.
 
+Each slice's Observation carries the model's trust signals: a slice the model rejected
+(not a brain MRI slice, or unlike its training data) is `final` with no value, a
+`dataAbsentReason` of not-applicable and the interpretation "not assessable" (v3 IND) with
+the reason; a prediction below the model's review threshold has the interpretation "needs
+review"; the out-of-distribution score is a component.
+
 No patient data is in it: the subject is the case's pseudonymous study reference, never a
 patient resource; times are the upload's and the reading's, never the study's own.
 """
@@ -27,6 +33,7 @@ REPORT_CODE = {"system": LOINC, "code": "24590-2", "display": "MR Brain"}
 DIAGNOSTIC_SERVICE = "http://terminology.hl7.org/CodeSystem/v2-0074"
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 DATA_ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 UCUM = "http://unitsofmeasure.org"
 # DICOM UIDs as FHIR identifiers (FHIR R4 "Identifier" guidance for DICOM).
 DICOM_UID = "urn:dicom:uid"
@@ -34,6 +41,8 @@ RFC_3986 = "urn:ietf:rfc:3986"
 # This system's own code systems: the classifier's labels, and the observation it makes.
 LABEL_SYSTEM = "urn:brain-mri-diagnostics:label"
 OBSERVATION_SYSTEM = "urn:brain-mri-diagnostics:observation"
+# The model's trust signals on a slice: not assessable (rejected), needs review.
+INTERPRETATION_SYSTEM = "urn:brain-mri-diagnostics:interpretation"
 STUDY_REFERENCE_SYSTEM = "urn:brain-mri-diagnostics:study-reference"
 # Device ids are derived from the model, so a model is the same Device in every report.
 _DEVICE_NAMESPACE = uuid.UUID("2f1e8b8e-5a57-4d7b-9a53-0d4f0c1c6f10")
@@ -132,6 +141,37 @@ def _observation(image, *, subject: dict, devices: dict) -> Observation:
         "subject": subject,
     }
     prediction = getattr(image, "prediction", None)
+    if image.status == Status.REJECTED:
+        # The model refused it (not a brain MRI slice, or unlike its training data): a
+        # finished observation with no tumour class, and why.
+        return Observation(
+            **common,
+            status="final",
+            dataAbsentReason={
+                "coding": [
+                    {
+                        "system": DATA_ABSENT_REASON,
+                        "code": "not-applicable",
+                        "display": "Not Applicable",
+                    }
+                ],
+                "text": image.error or "not assessable by the model",
+            },
+            interpretation=[
+                {
+                    "coding": [
+                        {
+                            "system": INTERPRETATION_SYSTEM,
+                            "code": "not-assessable",
+                            "display": "Not assessable by the model",
+                        },
+                        {"system": INTERPRETATION, "code": "IND", "display": "Indeterminate"},
+                    ],
+                    "text": f"not assessable: {image.error}" if image.error else "not assessable",
+                }
+            ],
+            **_ood_components(image.ood_score),
+        )
     if prediction is None:
         # A failed slice (or one still waiting): reported as such, with no value.
         return Observation(
@@ -143,25 +183,73 @@ def _observation(image, *, subject: dict, devices: dict) -> Observation:
             },
         )
     device = _device(prediction, devices)
+    flagged = {}
+    if prediction.needs_review:
+        flagged["interpretation"] = [
+            {
+                "coding": [
+                    {
+                        "system": INTERPRETATION_SYSTEM,
+                        "code": "needs-review",
+                        "display": "Needs review: model confidence below its review threshold",
+                    }
+                ],
+                "text": "needs review: the model's calibrated confidence is below the "
+                "threshold chosen on its validation data",
+            }
+        ]
     return Observation(
         **common,
         status="final",
         issued=prediction.created_at,
         device=_ref(device),
         valueCodeableConcept=_label(prediction.label),
+        **flagged,
         component=[
+            *(
+                {
+                    "code": _label(label),
+                    "valueQuantity": {
+                        "value": round(float(probability), 6),
+                        "unit": "probability",
+                        "system": UCUM,
+                        "code": "1",
+                    },
+                }
+                for label, probability in sorted(prediction.probabilities.items())
+            ),
+            *_ood_components(prediction.ood_score).get("component", []),
+        ],
+    )
+
+
+def _ood_components(score: float | None) -> dict:
+    """{"component": [the out-of-distribution score (dimensionless)]}, or {} without one
+    (FHIR allows no empty lists)."""
+    if score is None:
+        return {}
+    return {
+        "component": [
             {
-                "code": _label(label),
+                "code": {
+                    "coding": [
+                        {
+                            "system": OBSERVATION_SYSTEM,
+                            "code": "ood-score",
+                            "display": "Out-of-distribution score (higher: less like the "
+                            "model's training data)",
+                        }
+                    ]
+                },
                 "valueQuantity": {
-                    "value": round(float(probability), 6),
-                    "unit": "probability",
+                    "value": round(float(score), 3),
+                    "unit": "1",
                     "system": UCUM,
                     "code": "1",
                 },
             }
-            for label, probability in sorted(prediction.probabilities.items())
-        ],
-    )
+        ]
+    }
 
 
 def _report(case, *, subject: dict, observations: list) -> DiagnosticReport:

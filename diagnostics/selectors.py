@@ -1,6 +1,5 @@
 """Every read the API and the admin make. Cases are always scoped to the user's site."""
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import (
     BooleanField,
@@ -15,6 +14,7 @@ from django.db.models import (
 )
 from django.db.models import Case as SqlCase
 
+from diagnostics import storage
 from diagnostics.models import (
     TERMINAL_STATUSES,
     AuditEvent,
@@ -54,12 +54,13 @@ def case_get(*, user, case_id) -> Case | None:
 # --- Review ----------------------------------------------------------------------------------
 
 
-def _needs_review() -> ExpressionWrapper:
-    """A case needs a careful look when a slice failed or a slice's prediction is less
-    confident than REVIEW_CONFIDENCE_THRESHOLD (until calibrated confidence exists). Both
-    inputs are columns of the case row (kept by the database), so it costs no subquery."""
+def case_needs_review() -> ExpressionWrapper:
+    """A case needs a careful look when a slice failed, a slice was rejected (not a brain
+    MRI slice, or out of distribution), or a slice's prediction has `needs_review` (its
+    calibrated confidence is below the model's own review threshold, chosen on validation).
+    All three are columns of the case row (kept by the database), so it costs no subquery."""
     return ExpressionWrapper(
-        Q(has_failed_image=True) | Q(min_confidence__lt=settings.REVIEW_CONFIDENCE_THRESHOLD),
+        Q(has_failed_image=True) | Q(has_rejected_image=True) | Q(has_flagged_image=True),
         output_field=BooleanField(),
     )
 
@@ -88,7 +89,7 @@ def case_review_list(*, user) -> QuerySet[Case]:
         cases_visible_to(user)
         .select_related("site", "assigned_to")
         .annotate(
-            needs_review=_needs_review(),
+            needs_review=case_needs_review(),
             review_rank=SqlCase(
                 When(
                     status__in=TERMINAL_STATUSES,
@@ -114,7 +115,7 @@ def case_review_get(*, user, case_id) -> Case | None:
         cases_visible_to(user)
         .filter(id=case_id)
         .select_related("site", "assigned_to", "uploaded_by")
-        .annotate(needs_review=_needs_review())
+        .annotate(needs_review=case_needs_review())
         .prefetch_related(
             Prefetch("images", queryset=Image.objects.select_related("prediction")),
             Prefetch("reviews", queryset=Review.objects.select_related("reader")),
@@ -139,6 +140,28 @@ def image_get(*, user, case_id, image_id) -> Image | None:
         .only("id", "s3_key", "rendering_key", "content_type")
         .first()
     )
+
+
+def image_heatmap_get(*, user, image_id, case_id=None) -> bytes | None:
+    """The PNG of the heatmap overlay of an image this user may see (its case's site is
+    theirs), read from S3; None when the image is not visible, has no prediction or no
+    heatmap, or its overlay is missing from S3. `case_id`, when given, must match too.
+    Raises storage.StorageUnavailable when S3 cannot be read."""
+    predictions = Prediction.objects.filter(
+        image_id=image_id, image__case__in=cases_visible_to(user)
+    ).exclude(heatmap_key="")
+    if case_id is not None:
+        predictions = predictions.filter(image__case_id=case_id)
+    key = predictions.values_list("heatmap_key", flat=True).first()
+    if not key:
+        return None
+    try:
+        return storage.get(key)
+    except storage.StorageUnavailable:
+        # A missing object is a 404 like a missing row; only then pay for the check.
+        if not storage.exists(key):
+            return None
+        raise
 
 
 def radiologists_of(*, site_id) -> QuerySet:

@@ -32,6 +32,7 @@ def test_every_api_route_is_described():
         "/api/v1/cases/{case_id}/release/",
         "/api/v1/cases/{case_id}/assignment/",
         "/api/v1/cases/{case_id}/fhir/",
+        "/api/v1/images/{image_id}/heatmap/",
         "/api/v1/webhooks/",
         "/api/v1/webhooks/{webhook_id}/",
         "/api/v1/webhooks/{webhook_id}/deliveries/",

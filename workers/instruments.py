@@ -5,7 +5,6 @@ prometheus_client sees PROMETHEUS_MULTIPROC_DIR, which workers.metrics sets firs
 pool process writes its samples there and the main process serves their sum.
 """
 
-from django.conf import settings
 from prometheus_client import Counter, Gauge, Histogram
 
 from diagnostics.models import Image, Status
@@ -17,19 +16,30 @@ INFERENCE_SECONDS = Histogram(
 )
 CLASSIFY_JOBS = Counter(
     "diagnostics_classify_jobs",
-    "Classification jobs by outcome: done, failed, retried (S3/database down), "
-    "model_error (retried on another try), busy (another worker holds it), skipped",
+    "Classification jobs by outcome: done, rejected (not a brain MRI slice), failed, "
+    "retried (S3/database down), model_error (retried on another try), busy (another "
+    "worker holds it), skipped",
     ["outcome"],
 )
 IMAGES_FLAGGED = Counter(
     "diagnostics_images_flagged",
-    "Predictions less confident than REVIEW_CONFIDENCE_THRESHOLD (the case needs review)",
+    "Predictions flagged needs_review (calibrated confidence below the model's review "
+    "threshold): the case needs review",
     ["label"],
 )
 IMAGES_REJECTED = Counter(
     "diagnostics_images_rejected",
-    "Images that failed instead of getting a prediction",
+    "Images the model rejected as not a brain MRI slice, by reason: blank, colour, noise, "
+    "out_of_distribution (the OOD score), other",
+    ["reason"],
 )
+# What ml.ood's rejection sentences say -> the reason label (a few fixed values).
+REJECTION_KINDS = {
+    "blank": "blank",
+    "colour": "colour",
+    "noise": "noise",
+    "training distribution": "out_of_distribution",
+}
 MODEL_INFO = Gauge(
     "diagnostics_model_info",
     "The model this worker serves (value 1)",
@@ -53,23 +63,35 @@ def model_loaded(classifier) -> None:
 
 
 def classified(image_id, prediction) -> None:
-    """Record a finished classify job: its prediction, or why there is none."""
+    """Record a finished classify job: its prediction (the Prediction row), or why there
+    is none (`prediction` None: the image failed, was rejected, or was done elsewhere)."""
     if prediction is not None:
         CLASSIFY_JOBS.labels("done").inc()
         INFERENCE_SECONDS.observe(prediction.inference_ms / 1000)
-        if max(prediction.probabilities.values()) < settings.REVIEW_CONFIDENCE_THRESHOLD:
+        if prediction.needs_review:
             IMAGES_FLAGGED.labels(prediction.label).inc()
         return
-    # No prediction: the model could not read it (failed now), or nothing was left to do.
-    if Image.objects.filter(id=image_id, status=Status.FAILED).exists():
+    image = Image.objects.filter(id=image_id).only("status", "error").first()
+    if image is not None and image.status == Status.FAILED:
         failed()
+    elif image is not None and image.status == Status.REJECTED:
+        rejected(image.error)
     else:
         CLASSIFY_JOBS.labels("skipped").inc()
 
 
 def failed() -> None:
     CLASSIFY_JOBS.labels("failed").inc()
-    IMAGES_REJECTED.inc()
+
+
+def rejected(reason: str = "") -> None:
+    """An image the model refused (not a brain MRI slice); `reason` as the model gave it."""
+    CLASSIFY_JOBS.labels("rejected").inc()
+    IMAGES_REJECTED.labels(rejection_kind(reason)).inc()
+
+
+def rejection_kind(reason: str) -> str:
+    return next((kind for words, kind in REJECTION_KINDS.items() if words in reason), "other")
 
 
 def job_outcome(outcome: str) -> None:

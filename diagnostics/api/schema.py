@@ -216,3 +216,32 @@ class CaseAssignmentSchema(OpenApiViewExtension):
                 return super().put(request, case_id)
 
         return Described
+
+
+class ImageHeatmapSchema(OpenApiViewExtension):
+    target_class = "diagnostics.api.views.ImageHeatmapApi"
+
+    def view_replacement(self):
+        class Described(self.target_class):
+            @extend_schema(
+                operation_id="images_heatmap_retrieve",
+                summary="An image's heatmap: where the model saw the evidence for its label",
+                description=(
+                    "The class activation map of the predicted label over the slice as the "
+                    "model saw it (224x224 PNG); its URL is the prediction's `heatmap_url`."
+                ),
+                responses={
+                    (200, "image/png"): OpenApiResponse(
+                        OpenApiTypes.BINARY, description="the overlay (PNG)"
+                    ),
+                    404: OpenApiResponse(
+                        ErrorOutput,
+                        description="no such image at your site, or it has no heatmap",
+                    ),
+                    **errors(),
+                },
+            )
+            def get(self, request, image_id):
+                return super().get(request, image_id)
+
+        return Described

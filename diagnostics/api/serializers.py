@@ -1,3 +1,4 @@
+from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -24,10 +25,33 @@ class ModelOutput(serializers.Serializer):
 
 class PredictionOutput(serializers.ModelSerializer):
     model = serializers.SerializerMethodField()
+    # Where the heatmap overlay (PNG) of this prediction can be fetched; null when none.
+    heatmap_url = serializers.SerializerMethodField()
 
     class Meta:
         model = Prediction
-        fields = ["label", "probabilities", "model", "inference_ms", "turnaround_ms", "created_at"]
+        fields = [
+            "label",
+            "probabilities",
+            "needs_review",
+            "ood_score",
+            "heatmap_url",
+            "model",
+            "inference_ms",
+            "turnaround_ms",
+            "created_at",
+        ]
+        extra_kwargs = {
+            "needs_review": {
+                "help_text": "the calibrated top probability is below the model's review "
+                "threshold (chosen on validation): a radiologist should look carefully"
+            },
+            "ood_score": {
+                "help_text": "out-of-distribution score (squared Mahalanobis distance of the "
+                "image's features to the nearest class; higher is less like the training "
+                "data); null for models without an OOD detector"
+            },
+        }
 
     @extend_schema_field(ModelOutput)
     def get_model(self, prediction):
@@ -38,15 +62,35 @@ class PredictionOutput(serializers.ModelSerializer):
             "runtime": prediction.runtime,
         }
 
+    @extend_schema_field(serializers.URLField(allow_null=True))
+    def get_heatmap_url(self, prediction) -> str | None:
+        if not prediction.heatmap_key:
+            return None
+        path = reverse("image-heatmap", kwargs={"image_id": prediction.image_id})
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request is not None else path
+
 
 class ImageOutput(serializers.ModelSerializer):
     prediction = serializers.SerializerMethodField()
+    ood_score = serializers.SerializerMethodField(
+        help_text="the model's out-of-distribution score (higher is less like its training "
+        "data), for rejected images too; null before classification"
+    )
     # "dicom": a de-identified DICOM slice (with pseudonymous series and instance UIDs);
     # "image": any other accepted image.
     format = serializers.SerializerMethodField()
 
     class Meta:
         model = Image
+        extra_kwargs = {
+            "status": {
+                "help_text": "done: it has a prediction; failed: it could not be read; "
+                "rejected: not a brain MRI slice or unlike the model's training data (no "
+                "label is given; `error` says why)"
+            },
+            "error": {"help_text": "why the image failed or was rejected"},
+        }
         fields = [
             "id",
             "position",
@@ -62,6 +106,7 @@ class ImageOutput(serializers.ModelSerializer):
             "status",
             "attempts",
             "error",
+            "ood_score",
             "received_at",
             "queued_at",
             "processing_started_at",
@@ -73,10 +118,18 @@ class ImageOutput(serializers.ModelSerializer):
     def get_format(self, image) -> str:
         return "dicom" if image.content_type == DICOM_CONTENT_TYPE else "image"
 
+    @extend_schema_field(serializers.FloatField(allow_null=True))
+    def get_ood_score(self, image) -> float | None:
+        # Rejected images have it on the image (no prediction); others on the prediction.
+        if image.ood_score is not None:
+            return image.ood_score
+        prediction = getattr(image, "prediction", None)
+        return prediction.ood_score if prediction is not None else None
+
     @extend_schema_field(PredictionOutput(allow_null=True))
     def get_prediction(self, image):
         prediction = getattr(image, "prediction", None)
-        return PredictionOutput(prediction).data if prediction else None
+        return PredictionOutput(prediction, context=self.context).data if prediction else None
 
 
 class CaseReviewStateOutput(serializers.ModelSerializer):

@@ -11,7 +11,7 @@ from diagnostics.api.reviews import (
     CaseReleaseApi,
     CaseReviewApi,
 )
-from diagnostics.api.views import CaseDetailApi, CaseListCreateApi
+from diagnostics.api.views import CaseDetailApi, CaseListCreateApi, ImageHeatmapApi
 from diagnostics.api.webhooks import WebhookDeliveryListApi, WebhookDetailApi, WebhookListCreateApi
 
 
@@ -28,6 +28,7 @@ urlpatterns = [
     path("cases/<uuid:case_id>/release/", CaseReleaseApi.as_view(), name="case-release"),
     path("cases/<uuid:case_id>/assignment/", CaseAssignmentApi.as_view(), name="case-assignment"),
     path("cases/<uuid:case_id>/fhir/", CaseFhirApi.as_view(), name="case-fhir"),
+    path("images/<uuid:image_id>/heatmap/", ImageHeatmapApi.as_view(), name="image-heatmap"),
     path("webhooks/", WebhookListCreateApi.as_view(), name="webhook-list"),
     path("webhooks/<int:webhook_id>/", WebhookDetailApi.as_view(), name="webhook-detail"),
     path(

@@ -1,11 +1,16 @@
-from django.http import Http404
+from django.conf import settings
+from django.http import Http404, HttpResponse
 from rest_framework import status
+from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.pagination import CursorPagination
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from diagnostics import selectors, services
+from diagnostics import selectors, services, storage
 from diagnostics.api.serializers import CaseCreateInput, CaseListFilter, CaseOutput
+from diagnostics.errors import NotFound, ServiceUnavailable
+from diagnostics.services.heatmaps import HEATMAP_CONTENT_TYPE
 from diagnostics.uploads import read_upload
 
 
@@ -54,3 +59,35 @@ class CaseDetailApi(APIView):
         if case is None:
             raise Http404
         return Response(CaseOutput(case, context={"request": request}).data)
+
+
+class JsonErrorsNegotiation(BaseContentNegotiation):
+    """The PNG goes out as it is; everything else (errors) is JSON, whatever Accept says
+    (an <img> asks for image/*, and must not get a 406 instead of the 404)."""
+
+    def select_parser(self, request, parsers):
+        return parsers[0] if parsers else None
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
+class ImageHeatmapApi(APIView):
+    """An image's heatmap overlay (PNG), streamed from S3 through the app (the bucket
+    stays private) after the same site check as its case."""
+
+    renderer_classes = [JSONRenderer]
+    content_negotiation_class = JsonErrorsNegotiation
+
+    def get(self, request, image_id):
+        try:
+            png = selectors.image_heatmap_get(user=request.user, image_id=image_id)
+        except storage.StorageUnavailable as exc:
+            raise ServiceUnavailable("object storage is unavailable, retry later") from exc
+        if png is None:
+            # The same answer for another site's image as for one with no heatmap.
+            raise NotFound("no heatmap: no such image at your site, or it has none")
+        response = HttpResponse(png, content_type=HEATMAP_CONTENT_TYPE)
+        response["Cache-Control"] = f"private, max-age={settings.REVIEW_IMAGE_CACHE_S}"
+        response["X-Content-Type-Options"] = "nosniff"
+        return response

@@ -13,6 +13,7 @@ from tests.factories import (
     ImageFactory,
     PredictionFactory,
     RadiologistFactory,
+    RejectedImageFactory,
     UserFactory,
 )
 from tests.images import image_bytes
@@ -29,12 +30,12 @@ def radiologist(client):
     return user
 
 
-def finished_case(site, probabilities=None, **kwargs):
+def finished_case(site, probabilities=None, needs_review=False, **kwargs):
     case = CaseFactory(uploaded_by=UserFactory(site=site), status=Status.DONE, **kwargs)
-    prediction_kwargs = {}
+    prediction_kwargs = {"needs_review": needs_review}
     if probabilities:
         label = max(probabilities, key=probabilities.get)
-        prediction_kwargs = {"probabilities": probabilities, "label": label}
+        prediction_kwargs |= {"probabilities": probabilities, "label": label}
     PredictionFactory(image__case=case, **prediction_kwargs)
     return case
 
@@ -49,7 +50,7 @@ def site_of(user):
 
 
 def test_the_list_shows_what_a_radiologist_works_from(client, radiologist):
-    case = finished_case(site_of(radiologist), reference="study-42")
+    case = finished_case(site_of(radiologist), needs_review=True, reference="study-42")
     other = finished_case(CaseFactory().site)
 
     response = client.get("/admin/diagnostics/case/")
@@ -67,7 +68,7 @@ def test_waiting_and_flagged_cases_come_first(client, radiologist):
     site = site_of(radiologist)
     reviewed = finished_case(site, probabilities=CONFIDENT)
     confident = finished_case(site, probabilities=CONFIDENT)
-    flagged = finished_case(site)  # 70%: below the threshold
+    flagged = finished_case(site, needs_review=True)  # the model is unsure
     processing = CaseFactory(uploaded_by=UserFactory(site=site), status=Status.PROCESSING)
     services.case_review(user=radiologist, case_id=reviewed.id, version=0, decision="confirm")
 
@@ -93,7 +94,7 @@ def test_waiting_and_flagged_cases_come_first(client, radiologist):
 def test_filters_and_search(client, radiologist, query, expected):
     site = site_of(radiologist)
     cases = {
-        "flagged": finished_case(site, reference="study-flagged"),
+        "flagged": finished_case(site, needs_review=True, reference="study-flagged"),
         "confident": finished_case(site, probabilities=CONFIDENT, reference="study-confident"),
     }
     services.case_claim(user=radiologist, case_id=cases["confident"].id, version=0)
@@ -272,3 +273,122 @@ def test_audit_events_of_another_site_are_not_listed(client, radiologist):
 
     assert listing.status_code == 200
     assert str(other.id)[:8] not in listing.text
+
+
+# --- Trust signals: rejected slices, the model's review flag, heatmaps ----------------------
+
+REJECTION = "not a brain MRI slice: the image is in colour (MRI slices are grayscale)"
+
+
+def rejected_case(site, **kwargs):
+    case = CaseFactory(uploaded_by=UserFactory(site=site), status=Status.REJECTED, **kwargs)
+    RejectedImageFactory(case=case, error=REJECTION, ood_score=15321.4)
+    return case
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("status=rejected", "rejected"),
+        ("slices=rejected", "rejected"),
+        ("slices=failed", "failed"),
+        ("slices=flagged", "flagged"),
+        ("needs_review=yes", "flagged failed rejected"),
+        ("needs_review=no", "confident"),
+        ("", "flagged failed rejected confident"),
+    ],
+)
+def test_rejected_failed_and_flagged_slices_make_a_case_need_review(
+    client, radiologist, query, expected
+):
+    site = site_of(radiologist)
+    cases = {
+        "confident": finished_case(site, probabilities=CONFIDENT),
+        "rejected": rejected_case(site),
+        "failed": finished_case(site, probabilities=CONFIDENT),
+        "flagged": finished_case(site, probabilities=CONFIDENT, needs_review=True),
+    }
+    ImageFactory(case=cases["failed"], status=Status.FAILED)
+
+    response = client.get(f"/admin/diagnostics/case/?{query}")
+
+    assert response.status_code == 200
+    # Flagged first among the finished, unreviewed cases, newest first.
+    assert listed_ids(response) == [str(cases[name].id)[:8] for name in expected.split()]
+
+
+def test_a_slice_that_becomes_rejected_flags_its_case(client, radiologist):
+    case = finished_case(site_of(radiologist), probabilities=CONFIDENT)
+    later = ImageFactory(case=case, status=Status.PROCESSING)
+    assert listed_ids(client.get("/admin/diagnostics/case/?needs_review=yes")) == []
+
+    # As the classification service does it: a guarded update, no save().
+    type(later).objects.filter(id=later.id).update(status=Status.REJECTED, error=REJECTION)
+
+    assert listed_ids(client.get("/admin/diagnostics/case/?needs_review=yes")) == [str(case.id)[:8]]
+
+
+def test_the_case_page_shows_heatmaps_review_flags_ood_scores_and_rejections(client, radiologist):
+    case = finished_case(site_of(radiologist))
+    image = case.images.get()
+    flagged = PredictionFactory(
+        image__case=case, with_heatmap=True, needs_review=True, label="meningioma"
+    ).image
+    rejected = RejectedImageFactory(case=case, error=REJECTION, ood_score=15321.4)
+    case.refresh_from_db()
+
+    response = client.get(f"/admin/diagnostics/case/{case.id}/change/")
+
+    assert response.status_code == 200
+    text = response.text
+    heatmap = f"/admin/diagnostics/case/{case.id}/images/{flagged.id}/heatmap/"
+    assert f'<img src="{heatmap}" alt="heatmap of slice {flagged.position}"' in text
+    assert "where the model saw the evidence for meningioma" in text
+    # Only the slice with a heatmap links one.
+    assert text.count("/heatmap/") == 2  # the link and the img
+    assert f"/images/{image.id}/heatmap/" not in text
+    slice_of = {}
+    for item in (image, flagged, rejected):
+        start = text.index(f'id="slice-{item.position}"')
+        slice_of[item] = text[start : text.find('<div class="slice"', start)]
+    assert "needs review: the model is unsure" in slice_of[flagged]
+    assert "out-of-distribution score: 812.5" in slice_of[flagged]
+    assert "needs review" not in slice_of[image]
+    assert f"rejected, no label: {REJECTION}" in slice_of[rejected]
+    assert "out-of-distribution score: 15321.4" in slice_of[rejected]
+    needs_review = text[text.index('id="needs-review"') :][:600]
+    assert "a slice was rejected" in needs_review
+    assert "the model is unsure of a slice" in needs_review
+    assert "a slice failed" not in needs_review
+
+
+def test_heatmaps_are_served_through_the_app(client, radiologist, s3_bucket):
+    case = finished_case(site_of(radiologist))
+    prediction = PredictionFactory(image__case=case, with_heatmap=True)
+    image = prediction.image
+    key = services.heatmap_overlay_store(
+        image_id=image.id, case_id=case.id, image_bytes=image_bytes(), heatmap=prediction.heatmap
+    )
+    assert key == prediction.heatmap_key
+
+    served = client.get(f"/admin/diagnostics/case/{case.id}/images/{image.id}/heatmap/")
+
+    assert served.status_code == 200
+    assert served.content == storage.get(key)
+    assert served["Content-Type"] == "image/png"
+    assert served["Cache-Control"] == "private, max-age=300"
+    assert served["X-Content-Type-Options"] == "nosniff"
+
+
+def test_a_heatmap_of_another_site_or_of_no_prediction_is_not_found(client, radiologist):
+    other = PredictionFactory(with_heatmap=True).image
+    without = finished_case(site_of(radiologist)).images.get()
+    rejected = rejected_case(site_of(radiologist)).images.get()
+
+    for image in (other, without, rejected):
+        url = f"/admin/diagnostics/case/{image.case_id}/images/{image.id}/heatmap/"
+        assert client.get(url).status_code == 404
+    # The image id must belong to the case in the URL.
+    mine = PredictionFactory(image__case=finished_case(site_of(radiologist)), with_heatmap=True)
+    url = f"/admin/diagnostics/case/{without.case_id}/images/{mine.image_id}/heatmap/"
+    assert client.get(url).status_code == 404

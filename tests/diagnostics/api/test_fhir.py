@@ -14,6 +14,7 @@ from tests.factories import (
     ImageFactory,
     PredictionFactory,
     RadiologistFactory,
+    RejectedImageFactory,
     UserFactory,
     token_for,
 )
@@ -127,6 +128,59 @@ def test_a_failed_slice_is_a_cancelled_observation_without_a_value(rita, case):
     assert failed.valueCodeableConcept is None
     assert failed.dataAbsentReason.coding[0].code == "error"
     assert failed.dataAbsentReason.text == "the model could not read"
+
+
+def test_a_rejected_slice_is_a_final_observation_not_assessable_without_a_tumour_class(rita, case):
+    reason = "not a brain MRI slice: the image is in colour (MRI slices are grayscale)"
+    RejectedImageFactory(case=case, position=2, error=reason, ood_score=15321.4)
+    services.case_review(user=rita, case_id=case.id, version=0, decision="confirm")
+
+    bundle = Bundle.model_validate_json(api(rita).get(fhir_url(case)).content)
+
+    rejected = resources(bundle, "Observation")[2]
+    assert rejected.status == "final"
+    assert rejected.valueCodeableConcept is None
+    assert rejected.device is None  # no model result to attribute
+    assert [(c.system, c.code) for c in rejected.dataAbsentReason.coding] == [
+        ("http://terminology.hl7.org/CodeSystem/data-absent-reason", "not-applicable")
+    ]
+    assert rejected.dataAbsentReason.text == reason
+    [interpretation] = rejected.interpretation
+    assert [(c.system, c.code) for c in interpretation.coding] == [
+        ("urn:brain-mri-diagnostics:interpretation", "not-assessable"),
+        ("http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "IND"),
+    ]
+    assert interpretation.text == f"not assessable: {reason}"
+    [score] = rejected.component
+    assert (score.code.coding[0].code, float(score.valueQuantity.value)) == ("ood-score", 15321.4)
+    # No label of any kind: neither as a value nor as a component.
+    assert "urn:brain-mri-diagnostics:label" not in rejected.model_dump_json()
+
+
+def test_a_prediction_the_model_flags_is_interpreted_as_needs_review(rita):
+    case = CaseFactory(status=Status.DONE, uploaded_by=UserFactory(site=rita.site_membership.site))
+    PredictionFactory(image__case=case, image__position=0, needs_review=True, ood_score=640.0)
+    PredictionFactory(image__case=case, image__position=1, probabilities=PROBABILITIES)
+    services.case_review(user=rita, case_id=case.id, version=0, decision="confirm")
+
+    bundle = Bundle.model_validate_json(api(rita).get(fhir_url(case)).content)
+
+    flagged, plain = resources(bundle, "Observation")
+    [interpretation] = flagged.interpretation
+    assert [(c.system, c.code) for c in interpretation.coding] == [
+        ("urn:brain-mri-diagnostics:interpretation", "needs-review")
+    ]
+    assert flagged.valueCodeableConcept.coding[0].code == "glioma"
+    assert [c.code.coding[0].code for c in flagged.component] == [
+        "glioma",
+        "meningioma",
+        "no_tumor",
+        "pituitary",
+        "ood-score",
+    ]
+    assert float(flagged.component[-1].valueQuantity.value) == 640.0
+    assert plain.interpretation is None
+    assert len(plain.component) == 4  # no OOD score from this model
 
 
 def test_a_case_without_a_final_reading_has_no_report(case, rita):

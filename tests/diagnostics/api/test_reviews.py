@@ -2,14 +2,22 @@ import pytest
 from rest_framework.test import APIClient
 
 from diagnostics.models import AuditEvent, Status
-from tests.factories import CaseFactory, PredictionFactory, RadiologistFactory, token_for
+from tests.factories import (
+    CaseFactory,
+    ImageFactory,
+    PredictionFactory,
+    RadiologistFactory,
+    token_for,
+)
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def case():
-    return PredictionFactory(image__case=CaseFactory(status=Status.DONE)).image.case
+    # The model flagged its prediction (0.7 is below its review threshold).
+    prediction = PredictionFactory(image__case=CaseFactory(status=Status.DONE), needs_review=True)
+    return prediction.image.case
 
 
 @pytest.fixture
@@ -42,12 +50,36 @@ def test_review_state_shows_the_model_label_and_the_version_to_send_back(case, a
         "label": "",
         "model_label": "glioma",
         "model_confidence": 0.7,
-        "needs_review": True,  # 0.7 < REVIEW_CONFIDENCE_THRESHOLD (0.8)
+        "needs_review": True,  # the prediction's own flag
         "assigned_to": None,
         "version": 0,
         "reviewed_at": None,
         "readings": [],
     }
+
+
+@pytest.mark.parametrize(
+    ("needs_review", "other_slice", "expected"),
+    [
+        (False, None, False),
+        (True, None, True),
+        (False, Status.FAILED, True),
+        (False, Status.REJECTED, True),
+        (False, Status.DONE, False),
+    ],
+)
+def test_a_case_needs_review_when_the_model_flags_a_slice_or_a_slice_failed_or_was_rejected(
+    alice, needs_review, other_slice, expected
+):
+    # Confident or not, only the model's flag and unreadable slices count.
+    case = CaseFactory(uploaded_by=alice, status=Status.DONE)
+    PredictionFactory(image__case=case, needs_review=needs_review)
+    if other_slice is not None:
+        ImageFactory(case=case, status=other_slice)
+
+    response = api(alice).get(review_url(case))
+
+    assert response.json()["needs_review"] is expected
 
 
 def test_two_radiologists_at_once_the_second_gets_409_and_nothing_is_overwritten(case, alice, bob):

@@ -3,7 +3,7 @@ from django.db import IntegrityError, ProgrammingError, connection, transaction
 
 from diagnostics import services
 from diagnostics.errors import Conflict, Forbidden, NotFound
-from diagnostics.models import AuditEvent, Image, Review, ReviewStatus, Status
+from diagnostics.models import AuditEvent, Image, Prediction, Review, ReviewStatus, Status
 from diagnostics.services import audit
 from diagnostics.services.reviews import InvalidReview, NotReviewable
 from tests.factories import (
@@ -11,6 +11,7 @@ from tests.factories import (
     ImageFactory,
     PredictionFactory,
     RadiologistFactory,
+    RejectedImageFactory,
     SiteAdminFactory,
     UserFactory,
 )
@@ -355,6 +356,51 @@ def test_the_database_keeps_the_worklist_columns_of_the_case():
 
     case.refresh_from_db()
     assert case.has_failed_image is True
+
+
+def test_the_database_keeps_the_rejected_and_flagged_columns_of_the_case():
+    case = CaseFactory(status=Status.PROCESSING)
+    prediction = PredictionFactory(image__case=case)
+    later = ImageFactory(case=case, status=Status.PROCESSING)
+
+    case.refresh_from_db()
+    assert (case.has_rejected_image, case.has_flagged_image) == (False, False)
+
+    Image.objects.filter(id=later.id).update(status=Status.REJECTED, error="not a brain MRI")
+    Prediction.objects.filter(id=prediction.id).update(needs_review=True)
+
+    case.refresh_from_db()
+    assert (case.has_rejected_image, case.has_flagged_image, case.has_failed_image) == (
+        True,
+        True,
+        False,
+    )
+    # A rejected slice has no prediction: the model's label stays the predicted slice's.
+    assert (case.predicted_label, case.predicted_confidence) == ("glioma", 0.7)
+
+    Image.objects.filter(id=later.id).update(status=Status.QUEUED)
+    Prediction.objects.filter(id=prediction.id).update(needs_review=False)
+
+    case.refresh_from_db()
+    assert (case.has_rejected_image, case.has_flagged_image) == (False, False)
+
+
+def test_a_case_whose_slices_were_all_rejected_can_be_read_with_an_override(radiologist):
+    rejected = CaseFactory(uploaded_by=radiologist, status=Status.REJECTED)
+    RejectedImageFactory(case=rejected)
+
+    with pytest.raises(InvalidReview, match="no slice of this case has a prediction to confirm"):
+        services.case_review(user=radiologist, case_id=rejected.id, version=0, decision="confirm")
+    services.case_review(
+        user=radiologist,
+        case_id=rejected.id,
+        version=0,
+        decision="override",
+        label="no_tumor",
+        reason="a photo of the report, not a slice",
+    )
+    rejected.refresh_from_db()
+    assert (rejected.review_status, rejected.review_label) == (ReviewStatus.OVERRIDDEN, "no_tumor")
 
 
 def test_create_demo_user_gives_the_roles_asked_for():

@@ -16,6 +16,7 @@ from tests.factories import (
     ImageFactory,
     PredictionFactory,
     RadiologistFactory,
+    RejectedImageFactory,
     SiteAdminFactory,
     UserFactory,
     WebhookFactory,
@@ -105,6 +106,8 @@ def test_the_last_image_finishing_records_one_completed_event_per_webhook_after_
             "completed_at": DjangoJSONEncoder().default(case.completed_at),
             "images": 1,
             "failed_images": 1,
+            "rejected_images": 0,
+            "needs_review": True,
             "predicted_label": None,
             "predicted_confidence": None,
             "review_status": "unreviewed",
@@ -112,6 +115,23 @@ def test_the_last_image_finishing_records_one_completed_event_per_webhook_after_
             "reviewed_at": None,
         },
     }
+
+
+def test_the_payload_counts_rejected_slices_and_says_whether_the_case_needs_review(
+    sent_jobs, django_capture_on_commit_callbacks
+):
+    case = CaseFactory(status=Status.DONE)
+    WebhookFactory(site=case.site)
+    RejectedImageFactory(case=case)
+    PredictionFactory(image__case=case, needs_review=False)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        [delivery] = services.case_event_record(case_id=case.id, event="case.completed")
+
+    summary = delivery.payload["case"]
+    assert (summary["images"], summary["failed_images"], summary["rejected_images"]) == (2, 0, 1)
+    assert summary["needs_review"] is True
+    assert (summary["predicted_label"], summary["predicted_confidence"]) == ("glioma", 0.7)
 
 
 def test_a_change_that_rolls_back_announces_nothing(sent_jobs, django_capture_on_commit_callbacks):
