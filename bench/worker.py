@@ -186,16 +186,23 @@ def driver(args) -> dict:
     return results
 
 
-NAIVE = {"MODEL_RUNTIME": "keras_predict", "CELERY_WORKER_CONCURRENCY": 1}
-# Each: (name, environment of the worker). Concurrency and threads are the knobs that
-# matter on a 2-core node; the first is the shipped default.
+# The naive worker: Keras model.predict, one job per task (no batches).
+NAIVE = {"MODEL_RUNTIME": "keras_predict", "CELERY_WORKER_CONCURRENCY": 1, "CLASSIFY_BATCH_SIZE": 1}
+# Each: (name, environment of the worker). Batch size, concurrency and threads are the knobs
+# that matter on a 2-core node; the first is the shipped default.
 CONFIGURATIONS = [
-    ("litert, prefork -c 1, 2 threads", {"CELERY_WORKER_CONCURRENCY": 1, "ML_NUM_THREADS": 2}),
-    ("litert, prefork -c 1, 1 thread", {"CELERY_WORKER_CONCURRENCY": 1, "ML_NUM_THREADS": 1}),
-    ("litert, prefork -c 2, 1 thread", {"CELERY_WORKER_CONCURRENCY": 2, "ML_NUM_THREADS": 1}),
+    ("litert, batches of 16, prefork -c 1, 2 threads", {"ML_NUM_THREADS": 2}),
     (
-        "litert, threads pool -c 2 (one shared interpreter), 1 thread",
-        {"CELERY_WORKER_CONCURRENCY": 2, "ML_NUM_THREADS": 1, "CELERY_WORKER_POOL": "threads"},
+        "litert, batches of 32, prefork -c 1, 2 threads",
+        {"ML_NUM_THREADS": 2, "CLASSIFY_BATCH_SIZE": 32},
+    ),
+    (
+        "litert, no batches, prefork -c 1, 2 threads",
+        {"ML_NUM_THREADS": 2, "CLASSIFY_BATCH_SIZE": 1},
+    ),
+    (
+        "litert, batches of 16, prefork -c 2, 1 thread",
+        {"CELERY_WORKER_CONCURRENCY": 2, "ML_NUM_THREADS": 1},
     ),
 ]
 

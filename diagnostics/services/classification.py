@@ -358,7 +358,7 @@ def _prediction_new(work: _Work, classifier, heatmap_key: str, now) -> Predictio
         probabilities=result.probabilities,
         needs_review=result.needs_review,
         ood_score=_finite(result.ood_score),
-        heatmap=None if result.heatmap is None else result.heatmap.round(4).tolist(),
+        heatmap=heatmaps.heatmap_grid(result.heatmap),
         heatmap_key=heatmap_key,
         model_name=classifier.name,
         model_version=classifier.version,
