@@ -6,6 +6,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from rest_framework.test import APIClient
 
+from diagnostics import services
 from diagnostics.models import Role, Status
 from tests.factories import (
     CaseFactory,
@@ -23,7 +24,15 @@ ROLES = ["uploader", "radiologist", "site_admin", "superuser", "other_site_radio
 
 @pytest.fixture
 def case():
-    return PredictionFactory(image__case=CaseFactory(status=Status.DONE)).image.case
+    case = CaseFactory(status=Status.DONE)
+    prediction = PredictionFactory(image__case=case, with_heatmap=True)
+    services.heatmap_overlay_store(
+        image_id=prediction.image_id,
+        case_id=case.id,
+        image_bytes=image_bytes(),
+        heatmap=prediction.heatmap,
+    )
+    return case
 
 
 @pytest.fixture
@@ -80,6 +89,10 @@ def override(user, case, users):
     return api(user).post(f"/api/v1/cases/{case.id}/review/", body, format="json")
 
 
+def read_heatmap(user, case, users):
+    return api(user).get(f"/api/v1/images/{case.images.get().id}/heatmap/")
+
+
 FORBIDDEN_UPLOAD = {"detail": "your role does not allow you to upload cases", "code": "forbidden"}
 
 # operation -> role -> (status, exact body or None when the body is checked elsewhere)
@@ -97,6 +110,19 @@ API_MATRIX = {
         "site_admin": (200, None),
         "superuser": (200, None),
         "other_site_radiologist": (404, {"detail": "Not found."}),
+    },
+    read_heatmap: {
+        "uploader": (200, None),
+        "radiologist": (200, None),
+        "site_admin": (200, None),
+        "superuser": (200, None),
+        "other_site_radiologist": (
+            404,
+            {
+                "detail": "no heatmap: no such image at your site, or it has none",
+                "code": "not_found",
+            },
+        ),
     },
     claim: {
         "uploader": (403, FORBIDDEN_REVIEW),
@@ -167,13 +193,19 @@ def admin_get(user, url):
 
 ADMIN_MATRIX = {
     # Uploaders are not staff: the admin sends them to its login page.
-    "uploader": {"list": 302, "page": 302, "image": 302, "audit": 302},
-    "radiologist": {"list": 200, "page": 200, "image": 200, "audit": 200},
-    "site_admin": {"list": 200, "page": 200, "image": 200, "audit": 200},
-    "superuser": {"list": 200, "page": 200, "image": 200, "audit": 200},
+    "uploader": {"list": 302, "page": 302, "image": 302, "heatmap": 302, "audit": 302},
+    "radiologist": {"list": 200, "page": 200, "image": 200, "heatmap": 200, "audit": 200},
+    "site_admin": {"list": 200, "page": 200, "image": 200, "heatmap": 200, "audit": 200},
+    "superuser": {"list": 200, "page": 200, "image": 200, "heatmap": 200, "audit": 200},
     # Another site's case page does not exist for them (a redirect with a message), and its
-    # image is not found.
-    "other_site_radiologist": {"list": 200, "page": 302, "image": 404, "audit": 200},
+    # image and heatmap are not found.
+    "other_site_radiologist": {
+        "list": 200,
+        "page": 302,
+        "image": 404,
+        "heatmap": 404,
+        "audit": 200,
+    },
 }
 
 
@@ -187,6 +219,7 @@ def test_admin_role_permissions(role, case, users, s3_bucket):
         "list": "/admin/diagnostics/case/",
         "page": f"/admin/diagnostics/case/{case.id}/change/",
         "image": f"/admin/diagnostics/case/{case.id}/images/{image.id}/",
+        "heatmap": f"/admin/diagnostics/case/{case.id}/images/{image.id}/heatmap/",
         "audit": "/admin/diagnostics/auditevent/",
     }
 
