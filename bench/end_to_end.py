@@ -72,11 +72,11 @@ def _percentile_ms(values: list[float], q: float) -> float:
 def offered_load(url: str, token: str, rate: float, seconds: float, drain_s: float, seed: int):
     import requests
 
-    from bench.scans import mri_like_jpeg
-    from diagnostics.models import Image
+    from bench.scans import scans as real_scans
+    from diagnostics.models import TERMINAL_STATUSES, Image
 
     count = max(int(rate * seconds), 1)
-    scans = [mri_like_jpeg(seed + index) for index in range(count)]
+    scans = real_scans(count, salt=seed)
     local = threading.local()
     sent: dict[int, tuple[float, str | None, float]] = {}
 
@@ -109,12 +109,13 @@ def offered_load(url: str, token: str, rate: float, seconds: float, drain_s: flo
     case_ids = [case_id for _, case_id, _ in sent.values() if case_id]
     deadline = time.monotonic() + max(60.0, drain_s)
     while time.monotonic() < deadline:
-        pending = Image.objects.filter(case_id__in=case_ids).exclude(status__in=["done", "failed"])
+        pending = Image.objects.filter(case_id__in=case_ids).exclude(status__in=TERMINAL_STATUSES)
         if not pending.exists():
             break
         time.sleep(0.25)
     finished = dict(
-        Image.objects.filter(case_id__in=case_ids, status="done").values_list(
+        # A result: a label, or the model's refusal of what is not a brain MRI slice.
+        Image.objects.filter(case_id__in=case_ids, status__in=["done", "rejected"]).values_list(
             "case_id", "finished_at"
         )
     )

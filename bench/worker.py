@@ -86,7 +86,7 @@ def seed(user, jpegs: list[bytes], tag: str) -> list:
 
 
 def run_worker(image_ids: list, env: dict, log_path: Path, timeout_s: float) -> dict:
-    from diagnostics.models import Image
+    from diagnostics.models import TERMINAL_STATUSES, Image
 
     command = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=warning"]
     command += ["--without-gossip", "--without-mingle", "--hostname=bench@%h"]
@@ -98,7 +98,7 @@ def run_worker(image_ids: list, env: dict, log_path: Path, timeout_s: float) -> 
     try:
         while time.monotonic() < deadline:
             peak_rss = max(peak_rss, _tree_rss_mb(worker.pid))
-            done = Image.objects.filter(id__in=image_ids, status__in=["done", "failed"]).count()
+            done = Image.objects.filter(id__in=image_ids, status__in=TERMINAL_STATUSES).count()
             if done and first_done_at is None:
                 first_done_at = time.time()
             if done == len(image_ids):
@@ -113,10 +113,12 @@ def run_worker(image_ids: list, env: dict, log_path: Path, timeout_s: float) -> 
         worker.wait(timeout=60)
     finished = sorted(Image.objects.filter(id__in=image_ids).values_list("finished_at", flat=True))
     failed = Image.objects.filter(id__in=image_ids, status="failed").count()
+    rejected = Image.objects.filter(id__in=image_ids, status="rejected").count()
     span_s = (finished[-1] - finished[0]).total_seconds()
     return {
         "jobs": len(image_ids),
         "failed": failed,
+        "rejected_as_not_mri": rejected,
         "jobs_per_s": round((len(image_ids) - 1) / span_s, 2),
         # The DB clock stamps finished_at; this process's clock the start: same machine.
         "cold_start_to_first_result_s": round(finished[0].timestamp() - started, 2),
@@ -130,7 +132,7 @@ def driver(args) -> dict:
     django.setup()
     from django.core.management import call_command
 
-    from bench.scans import mri_like_jpeg
+    from bench.scans import scans
     from diagnostics import services, storage
     from diagnostics.models import Site
     from ml.inference import load_classifier
@@ -150,7 +152,7 @@ def driver(args) -> dict:
     user = get_user_model().objects.get(username="bench")  # fresh permission cache
     assert Site.objects.filter(name="bench").exists()
     run_tag = str(int(time.time()))
-    jpegs = [mri_like_jpeg(index) for index in range(args.n)]
+    jpegs = scans(args.n, salt=0)
 
     litert = load_classifier(runtime="litert")
     raw_before = raw_runtime(litert, jpegs, args.raw_seconds)
@@ -161,7 +163,7 @@ def driver(args) -> dict:
     for name, count, overrides in configurations:
         # Fresh bytes per configuration and run: equal bytes would be deduplicated.
         first = int(run_tag) * 10 + len(results["configurations"]) * 100_000_000
-        fresh = [mri_like_jpeg(first + index) for index in range(count)]
+        fresh = scans(count, salt=first)
         image_ids = seed(user, fresh, f"{run_tag}-{len(results['configurations'])}")
         env = os.environ | {key: str(value) for key, value in overrides.items()}
         print(f"{name}: {count} jobs queued, starting the worker", file=sys.stderr, flush=True)

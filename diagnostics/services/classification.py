@@ -254,6 +254,7 @@ def images_classify(*, image_ids, classifier) -> BatchOutcome:
                 case_id=work.image.case_id,
                 image_bytes=work.data,
                 heatmap=work.result.heatmap,
+                pixels=work.pixels,
             )
     heatmap_keys = {}
     for work in accepted:

@@ -45,22 +45,28 @@ def heatmap_grid(heatmap) -> list[list[float]] | None:
     return np.round(grid, GRID_DECIMALS).tolist()
 
 
-def heatmap_overlay_render(*, image_bytes: bytes, heatmap: Sequence | np.ndarray) -> bytes:
+def heatmap_overlay_render(
+    *, image_bytes: bytes, heatmap: Sequence | np.ndarray, pixels: np.ndarray | None = None
+) -> bytes:
     """PNG bytes of the map over the slice (ml.heatmap.overlay_png, HEATMAP_SIDE square).
     Raises ml.data.UnreadableImage for bytes that do not decode, ValueError for a bad map."""
     from ml.heatmap import overlay_png  # numpy, Pillow and matplotlib's colormaps only
 
-    return overlay_png(image_bytes, np.asarray(heatmap, dtype=np.float32), size=HEATMAP_SIDE)
+    # `pixels`: the slice as the model saw it (ml.data.decode_image), saving a second decode.
+    image = image_bytes if pixels is None else pixels
+    return overlay_png(image, np.asarray(heatmap, dtype=np.float32), size=HEATMAP_SIDE)
 
 
-def heatmap_overlay_store(*, image_id, case_id, image_bytes: bytes, heatmap) -> str:
+def heatmap_overlay_store(
+    *, image_id, case_id, image_bytes: bytes, heatmap, pixels: np.ndarray | None = None
+) -> str:
     """Render the overlay of `heatmap` (a 2-D 0..1 grid: array or nested lists) on the
     slice's `image_bytes` (what the model classified: the image, or a DICOM's rendering),
     write it to S3 and return its key. No database access: callable from worker threads.
 
     Raises storage.StorageUnavailable when S3 refuses the write, ml.data.UnreadableImage
     or ValueError when the image or the map cannot be rendered."""
-    png = heatmap_overlay_render(image_bytes=image_bytes, heatmap=heatmap)
+    png = heatmap_overlay_render(image_bytes=image_bytes, heatmap=heatmap, pixels=pixels)
     key = _key(case_id=case_id, image_id=image_id)
     storage.put(key, png, content_type=HEATMAP_CONTENT_TYPE, sha256=hashlib.sha256(png).hexdigest())
     return key
