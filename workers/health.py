@@ -1,4 +1,5 @@
-"""Worker readiness: ready once a pool process has loaded the model.
+"""Worker readiness: ready once a pool process has loaded the model (at once on a
+housekeeping-only worker, which needs none).
 
 The pool process that loads the model writes its pid to WORKER_READY_FILE; the main process
 removes the file when it starts and when it stops. `python -m workers.health` (the compose
@@ -26,10 +27,10 @@ def _not_ready(**_):
 @worker_process_init.connect
 def _ready_once_the_model_is_loaded(**_):
     from workers import instruments
-    from workers.tasks import classifier
+    from workers.tasks import classifier, classifies
 
-    model = classifier()  # loaded once per process; cached
-    instruments.model_loaded(model)
+    if classifies():  # a housekeeping-only worker (-Q celery) is ready without a model
+        instruments.model_loaded(classifier())  # loaded once per process; cached
     path = _ready_file()
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     temporary.write_text(f"{os.getpid()}\n")

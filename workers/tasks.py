@@ -16,7 +16,7 @@ from django.db import DatabaseError  # noqa: E402
 
 from diagnostics import jobs, services  # noqa: E402
 from workers import instruments  # noqa: E402
-from workers.app import app  # noqa: E402
+from workers.app import CLASSIFY_QUEUE, app  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,16 @@ def _loaded_classifier():
     return model
 
 
+def classifies() -> bool:
+    """Whether this worker takes classification jobs: one started with `-Q celery` (the
+    housekeeping queue only) needs no model, so it loads none."""
+    return CLASSIFY_QUEUE in app.amqp.queues.consume_from
+
+
 @worker_process_init.connect
 def _load_model_before_taking_jobs(**_):
-    classifier()
+    if classifies():
+        classifier()
 
 
 @worker_ready.connect

@@ -86,3 +86,17 @@ def test_housekeeping_jobs_land_in_the_celery_list_on_real_redis(broker):
     [delivery] = [h for h in headers if h["task"] == "workers.webhooks.deliver_webhook"]
     assert delivery["argsrepr"] == f"['{delivery_id}']"
     assert broker.llen("classify") == 0
+
+
+def test_only_a_worker_that_takes_classify_jobs_loads_the_model():
+    from workers.tasks import classifies
+
+    queues = app.amqp.queues
+    try:
+        assert classifies()  # no -Q: every queue
+        queues.select([HOUSEKEEPING_QUEUE])
+        assert not classifies()
+        queues.select([CLASSIFY_QUEUE])
+        assert classifies()
+    finally:
+        queues._consume_from = None
