@@ -85,9 +85,10 @@ def processes(tiny_model_dir, s3_bucket, tmp_path):
             self.started.append((process, log_path))
             return process
 
-        def start(self, kind: str, **env) -> subprocess.Popen:
+        def start(self, kind: str, *args: str, **env) -> subprocess.Popen:
+            """`args` go after the command's own (a worker's `-Q classify`, say)."""
             name = f"{kind}{len(self.started)}"
-            return self._popen(name, COMMANDS[kind](name, tmp_path), env)
+            return self._popen(name, [*COMMANDS[kind](name, tmp_path), *args], env)
 
         def web(self, **env) -> str:
             port = free_port()
@@ -132,4 +133,4 @@ def processes(tiny_model_dir, s3_bucket, tmp_path):
 
 @pytest.fixture
 def start_worker(processes):
-    return lambda *args, **env: processes.start("worker", **env)
+    return lambda *args, **env: processes.start("worker", *args, **env)
