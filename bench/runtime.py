@@ -5,7 +5,10 @@
 
 Each runtime runs in its own subprocess, so its imports, load time and peak RSS are its
 own: Keras model.predict, a Keras direct call, a tf.function (input signature with a free
-batch dimension: the GPU path), LiteRT and ONNX Runtime at 1 and 2 threads. Per runtime:
+batch dimension: the GPU path), LiteRT and ONNX Runtime at 1 and 2 threads, and
+"classifier" - the worker's whole call on LiteRT: ml.inference's Classifier.analyse_batch
+(model outputs, heatmap, OOD score and input checks; predict_batch on a Classifier from
+before the trust signals), which is what a worker pays per image. Per runtime:
 cold start (process start -> first output, imports included), images/s at batch 1/8/32
 on decoded inputs (model only), images/s at batch 1 from JPEG bytes (decode + resize +
 model: what a worker does), and peak RSS.
@@ -41,6 +44,8 @@ RUNTIMES = [
     "onnxruntime:1",
     "onnxruntime:2",
     "litert:1@150",
+    "classifier:1",
+    "classifier:2",
 ]
 ONNX_PATH = REPO / "cache" / "bench" / "model.onnx"
 
@@ -73,8 +78,14 @@ def make_runner(spec: str, model_dir: Path):
         model = keras.saving.load_model(model_dir / "model.keras", compile=False)
         if name == "keras_predict":
             return lambda batch: model.predict(batch, verbose=0, batch_size=len(batch))
+
+        def numpy(output):  # the serving model returns a dict of outputs
+            if isinstance(output, dict):
+                return {key: value.numpy() for key, value in output.items()}
+            return output.numpy()
+
         if name == "keras_call":
-            return lambda batch: model(batch, training=False).numpy()
+            return lambda batch: numpy(model(batch, training=False))
         import tensorflow as tf
 
         size = model.input_shape[1]
@@ -82,7 +93,13 @@ def make_runner(spec: str, model_dir: Path):
         compiled = tf.function(
             lambda batch: model(batch, training=False), input_signature=signature
         )
-        return lambda batch: compiled(batch).numpy()
+        return lambda batch: numpy(compiled(batch))
+    if name == "classifier":
+        os.environ["ML_NUM_THREADS"] = threads
+        from ml.inference import load_classifier
+
+        classifier = load_classifier(model_dir, runtime="litert")
+        return getattr(classifier, "analyse_batch", None) or classifier.predict_batch
     if name == "litert":
         from ml.inference import _LiteRTRunner
 
@@ -102,6 +119,17 @@ def make_runner(spec: str, model_dir: Path):
     raise ValueError(spec)
 
 
+def _shape(output):
+    """Output shape(s) for the report: an array, a dict of arrays or a list of results."""
+    import numpy as np
+
+    if isinstance(output, dict):
+        return {name: list(np.asarray(value).shape) for name, value in output.items()}
+    if isinstance(output, list):
+        return f"{len(output)} {type(output[0]).__name__}"
+    return list(np.asarray(output).shape)
+
+
 def throughput(call, make_input, images_per_call: int, seconds: float) -> float:
     call(make_input())  # a warm-up call per shape (allocation, tracing)
     calls, started = 0, time.perf_counter()
@@ -115,8 +143,7 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def child(spec: str, batches: list[int], seconds: float) -> dict:
-    import numpy as np
+def child(spec: str, batches: list[int], seconds: float, baseline: str | None = None) -> dict:
 
     from bench.scans import mri_like_jpeg
     from ml.data import decode_batch
@@ -139,7 +166,8 @@ def child(spec: str, batches: list[int], seconds: float) -> dict:
         "input_size": size,
         "load_s": round(loaded_s, 3),
         "cold_start_to_first_result_s": round(first_result_s, 3),
-        "output_shape": list(np.asarray(first).shape),
+        "model": json.loads((model_dir / "model.json").read_text())["version"],
+        "output_shape": _shape(first),
         "images_per_s": {},
     }
     counter = iter(range(10**9))
@@ -161,20 +189,83 @@ def child(spec: str, batches: list[int], seconds: float) -> dict:
             result["peak_rss_mb_batch_1"] = _peak_rss_mb()
     result["peak_rss_mb"] = _peak_rss_mb()
     result["tensorflow_imported"] = "tensorflow" in sys.modules
+    if spec.startswith("classifier"):
+        result["trust_overhead_ms_per_image"] = trust_overhead(model_dir, decoded, batches)
+    if baseline and spec.startswith("litert") and not other_size:
+        result["vs_baseline_ms_per_image"] = versus_baseline(
+            Path(baseline), model_dir, int(spec.partition(":")[2]), decoded, batches
+        )
     return result
+
+
+def _alternate(calls: dict, decoded, batches: list[int], rounds: int = 15) -> dict:
+    """Median ms per image of each call, in alternating short runs."""
+    import statistics
+
+    out = {}
+    for batch in batches:
+        images = decoded[:batch]
+        times = {name: [] for name in calls}
+        repeats = max(1, 16 // batch)
+        for _ in range(rounds):
+            for name, call in calls.items():
+                call(images)
+                started = time.perf_counter()
+                for _ in range(repeats):
+                    call(images)
+                times[name].append((time.perf_counter() - started) * 1000 / (repeats * batch))
+        out[str(batch)] = {name: round(statistics.median(t), 3) for name, t in times.items()}
+    return out
+
+
+def versus_baseline(baseline: Path, model_dir: Path, threads: int, decoded, batches) -> dict:
+    """The baseline artifact's model.tflite against this one's, model call only."""
+    from ml.inference import _LiteRTRunner
+
+    calls = {
+        f"baseline {baseline.name}": _LiteRTRunner(baseline / "model.tflite", threads),
+        f"current {model_dir.name}": _LiteRTRunner(model_dir / "model.tflite", threads),
+    }
+    return _alternate(calls, decoded, batches)
+
+
+def trust_overhead(model_dir: Path, decoded, batches: list[int]) -> dict:
+    """What the trust signals add per image on top of the model call: run_batch (model
+    outputs only) against analyse_batch (plus heatmap, OOD score and input checks),
+    alternating in one process so that load from other processes hits both alike.
+    Empty for a Classifier without analyse_batch."""
+    from ml.inference import load_classifier
+
+    classifier = load_classifier(model_dir, runtime="litert")
+    if not hasattr(classifier, "analyse_batch"):
+        return {}
+    calls = {"model_outputs": classifier.run_batch, "with_trust_signals": classifier.analyse_batch}
+    out = _alternate(calls, decoded, batches)
+    for row in out.values():
+        row["extra"] = round(row["with_trust_signals"] - row["model_outputs"], 3)
+    return out
 
 
 def markdown(report: dict) -> str:
     batches = report["batches"]
-    head = ["runtime", "cold start s"] + [f"img/s b{b}" for b in batches]
+    head = ["runtime", "model", "cold start s"] + [f"img/s b{b}" for b in batches]
     head += ["img/s from JPEG b1", "peak RSS MB b1", "peak RSS MB all", "imports TF"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    machine = report.get("machine", {})
+    lines = [
+        f"{machine.get('cores', '?')} cores ({machine.get('cpu', '?')}), load average "
+        f"{machine.get('load_average_at_start', ['?'])[0]} at start, "
+        f"{machine.get('load_average_at_end', ['?'])[0]} at end (other processes share the "
+        f"cores: compare rows of one run, and the alternating tables below)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for row in report["results"]:
         if "skipped" in row:
             lines.append(f"| {row['runtime']} | skipped: {row['skipped']} |")
             continue
         name = f"{row['runtime'].split('@')[0]} @{row.get('input_size', '')}"
-        cells = [name, f"{row['cold_start_to_first_result_s']:.2f}"]
+        cells = [name, str(row.get("model", "")), f"{row['cold_start_to_first_result_s']:.2f}"]
         cells += [f"{row['images_per_s'][str(b)]:.1f}" for b in batches]
         cells += [
             f"{row['images_per_s_from_jpeg_batch_1']:.1f}",
@@ -183,7 +274,20 @@ def markdown(report: dict) -> str:
             "yes" if row["tensorflow_imported"] else "no",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    extra = []
+    for row in report["results"]:
+        for key, title in (
+            ("vs_baseline_ms_per_image", "model call, ms per image, alternating in one process"),
+            ("trust_overhead_ms_per_image", "ms per image: model outputs vs + trust signals"),
+        ):
+            if not row.get(key):
+                continue
+            names = list(next(iter(row[key].values())))
+            extra += ["", f"{row['runtime']}: {title}", ""]
+            extra += ["| batch | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            for batch, values in row[key].items():
+                extra.append(f"| {batch} | " + " | ".join(f"{values[n]:.2f}" for n in names) + " |")
+    return "\n".join(lines + extra) + "\n"
 
 
 def machine() -> dict:
@@ -202,11 +306,23 @@ def main():
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "runtime"))
+    parser.add_argument(
+        "--baseline",
+        help="another artifact folder: the LiteRT rows also time its model.tflite, alternating "
+        "with the current one in the same process (robust to load from other processes)",
+    )
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite OUT.md from OUT.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.child:
-        print(json.dumps(child(args.child, batches, args.seconds)))
+        print(json.dumps(child(args.child, batches, args.seconds, args.baseline)))
+        return
+    if args.markdown_only:
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(
+            markdown(json.loads(out.with_suffix(".json").read_text()))
+        )
         return
     report = {"machine": machine(), "batches": batches, "seconds_per_point": args.seconds}
     report["results"] = []
@@ -214,6 +330,8 @@ def main():
         print(f"runtime {spec} ...", file=sys.stderr, flush=True)
         command = [sys.executable, __file__, "--child", spec]
         command += ["--batches", args.batches, "--seconds", str(args.seconds)]
+        if args.baseline:
+            command += ["--baseline", args.baseline]
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         if done.returncode != 0:
             reason = (done.stderr.strip().splitlines() or ["failed"])[-1][:160]

@@ -19,7 +19,7 @@ Two stages, both numpy only at serving time (no scikit-learn or TensorFlow impor
    (1280 dimensions from about 2,000 images need it). Reported as the squared distance;
    the threshold is a percentile of the in-distribution VALIDATION scores. Stored as
    ood.npz: `means` (C, D) and `whitening` (D, D) with precision = whitening @ whitening.T,
-   so the score is min_c ||x @ W - means_c @ W||^2: one (D x D) matrix-vector product.
+   so the score is min_c ||x W - means_c W||^2: one (D x D) matrix-vector product.
 """
 
 from __future__ import annotations
@@ -48,17 +48,19 @@ class ImageStatistics:
 
 
 def image_statistics(image: np.ndarray) -> ImageStatistics:
-    """Statistics of one decoded image, (size, size, 3) RGB 0-255 (uint8 or float)."""
+    """Statistics of one decoded image, (size, size, 3) RGB 0-255 (uint8 or float).
+    Channel slices rather than reductions over the last axis: about 1 ms at 224 px."""
     pixels = np.asarray(image, dtype=np.float32)
-    gray = pixels.mean(axis=2)
+    red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    gray = (red + green + blue) / 3
     std = float(gray.std())
-    chroma = float((pixels.max(axis=2) - pixels.min(axis=2)).mean())
+    chroma = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
     if std > 0:
         steps = np.abs(np.diff(gray, axis=0)).mean() + np.abs(np.diff(gray, axis=1)).mean()
         roughness = float(steps / 2 / std)
     else:
         roughness = 0.0
-    return ImageStatistics(std, chroma, roughness)
+    return ImageStatistics(std, float(chroma.mean()), roughness)
 
 
 def input_check(image: np.ndarray, checks: dict | None = None) -> str:
@@ -91,12 +93,13 @@ class MahalanobisScorer:
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """(n, D) pooled features -> (n,) scores (float64)."""
-        whitened = np.asarray(features, dtype=np.float32) @ self.whitening
-        # ||a - b||^2 = |a|^2 - 2 a.b + |b|^2, in float64 for the subtraction.
-        a = whitened.astype(np.float64)
-        b = self._whitened_means.astype(np.float64)
-        distances = (a**2).sum(1)[:, None] - 2 * a @ b.T + (b**2).sum(1)[None, :]
-        return np.maximum(distances.min(axis=1), 0.0)
+        # einsum, not `@`: a matrix-vector product through multithreaded BLAS leaves its
+        # threads spinning on the cores LiteRT needs next (measured: LiteRT at 2 threads
+        # went from ~4 to ~8 ms per image); einsum's own loop takes ~0.2 ms on one core.
+        whitened = np.einsum("nd,de->ne", np.asarray(features, dtype=np.float32), self.whitening)
+        # (n, C, D) differences: C is small, and no |a|^2 - 2ab + |b|^2 cancellation.
+        differences = whitened[:, None, :] - self._whitened_means[None, :, :]
+        return np.einsum("ncd,ncd->nc", differences, differences).min(axis=1).astype(np.float64)
 
     def save(self, path: str | Path) -> None:
         # Uncompressed: float32 noise does not compress, and np.load stays a plain read.

@@ -499,21 +499,28 @@ def plot_trust(result: dict, stem: Path) -> list[str]:
     far_scores, categories = data["far_scores"], data["far_categories"]
     bins = np.logspace(np.log10(max(min(test_scores.min(), far_scores.min()), 1.0)),
                        np.log10(max(test_scores.max(), far_scores.max()) * 1.1), 60)  # fmt: skip
-    left.hist(test_scores, bins=bins, histtype="step", linewidth=2, label="test split (in-dist.)")
-    left.hist(unseen_scores, bins=bins, histtype="step", label="Testing/ unseen (near-OOD)")
-    for category in dict.fromkeys(categories):
-        left.hist(far_scores[categories == category], bins=bins, histtype="step", label=category)
+    colours = plt.get_cmap("tab20").colors
+    left.hist(test_scores, bins=bins, histtype="stepfilled", alpha=0.35, color="black",
+              label="test split (in-distribution)")  # fmt: skip
+    left.hist(unseen_scores, bins=bins, histtype="step", linewidth=2, linestyle=":",
+              color="black", label="Testing/ unseen (near-OOD)")  # fmt: skip
+    for index, category in enumerate(dict.fromkeys(categories)):
+        left.hist(far_scores[categories == category], bins=bins, histtype="step",
+                  color=colours[2 * index % 20], label=category)  # fmt: skip
     left.axvline(result["ood"]["threshold"], color="k", linestyle="--", label="threshold")
     left.set_xscale("log")
     left.set_xlabel("OOD score (squared Mahalanobis distance)")
     left.set_ylabel("images")
     left.legend(fontsize=7)
-    for category in dict.fromkeys(categories):
+    for index, category in enumerate(dict.fromkeys(categories)):
         scores = np.r_[test_scores, far_scores[categories == category]]
         truth = np.r_[np.zeros(len(test_scores)), np.ones((categories == category).sum())]
         fpr, tpr, _ = roc_curve(truth, scores)
-        right.plot(fpr, tpr, label=category)
+        right.plot(fpr, tpr, color=colours[2 * index % 20], label=category)
+    right.axvline(result["ood"]["in_distribution"]["test"]["rejection_rate"], color="k",
+                  linestyle="--", label="shipped threshold")  # fmt: skip
     right.set_xscale("symlog", linthresh=0.01)
+    right.set_xlim(0, 1)
     right.set_xlabel("false rejection rate of test-split MRIs")
     right.set_ylabel("share of far-OOD images rejected")
     right.set_title("feature score alone (input checks not applied)", fontsize=9)

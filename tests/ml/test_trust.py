@@ -388,3 +388,34 @@ def test_real_test_split_mris_are_accepted(shipped, shipped_litert, sartaj_dir):
         assert prediction.heatmap.max() == pytest.approx(1.0)
     accuracy = np.mean([p.label == label for (_, label), p in zip(files, predictions, strict=True)])
     assert accuracy >= 0.75
+
+
+def test_predict_cli_prints_rejections_and_writes_heatmaps(shipped, tmp_path, capsys):
+    from ml import predict as predict_cli
+
+    scan, blank = tmp_path / "scan.jpg", tmp_path / "blank.png"
+    scan.write_bytes(jpeg_bytes(synthetic_scan("glioma", 0, 224)))
+    blank.write_bytes(blank_png())
+    out = tmp_path / "out.json"
+    args = [str(scan), str(blank), "--model", str(shipped), "--heatmaps", str(tmp_path / "maps")]
+    assert predict_cli.main([*args, "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].split("\t")[1:] == ["REJECTED", BLANK]
+    results = json.loads(out.read_text())["results"]
+    assert results[1]["rejection_reason"] == BLANK
+    png = (tmp_path / "maps" / "scan-heatmap.png").read_bytes()
+    assert Image.open(io.BytesIO(png)).size == (224, 224)
+
+
+def test_far_ood_set_is_deterministic_and_covers_every_category():
+    from ml.far_ood import CATEGORIES, build_far_ood
+
+    first = build_far_ood(seed=0, per_category=2)
+    again = build_far_ood(seed=0, per_category=2)
+    assert [(i.category, i.name, i.data) for i in first] == [
+        (i.category, i.name, i.data) for i in again
+    ]
+    found = {image.category for image in first}
+    assert found >= set(CATEGORIES) - {"photo_colour", "photo_gray", "dicom_ct", "dicom_other"}
+    for image in first:
+        Image.open(io.BytesIO(image.data)).verify()  # every item decodes
