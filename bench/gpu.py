@@ -92,7 +92,9 @@ def main() -> None:
                 [batch, np.zeros((bucket - count, *batch.shape[1:]), batch.dtype)]
             )
         outputs = model.predict_on_batch(batch)
-        outputs = outputs[0] if isinstance(outputs, list | tuple) else outputs
+        # 1.1.0 and later give {"probabilities", "cam", "features"}; 1.0.0 an array.
+        if isinstance(outputs, dict):
+            outputs = outputs["probabilities"]
         return np.asarray(outputs)[:count]
 
     run(np.zeros((1, size, size, 3), np.float32))
