@@ -217,20 +217,16 @@ def driver(args) -> dict:
 
 # The naive worker: Keras model.predict, one job per task (no batches).
 NAIVE = {"MODEL_RUNTIME": "keras_predict", "CELERY_WORKER_CONCURRENCY": 1, "CLASSIFY_BATCH_SIZE": 1}
-# Each: (name, environment of the worker). Batch size, concurrency and threads are the knobs
-# that matter on a 2-core node; the first is the shipped default.
+# Each: (name, environment of the worker). Batch size, I/O threads, concurrency and LiteRT
+# threads are the knobs that matter on a 2-core node; the first is the shipped default.
 CONFIGURATIONS = [
-    ("litert, batches of 16, prefork -c 1, 2 threads", {"ML_NUM_THREADS": 2}),
+    ("litert, batches of 32, prefork -c 1, 2 threads (the defaults)", {}),
+    ("litert, batches of 16", {"CLASSIFY_BATCH_SIZE": 16}),
+    ("litert, batches of 64", {"CLASSIFY_BATCH_SIZE": 64}),
+    ("litert, batches of 32, 4 I/O threads", {"CLASSIFY_IO_THREADS": 4}),
+    ("litert, no batches", {"CLASSIFY_BATCH_SIZE": 1}),
     (
-        "litert, batches of 32, prefork -c 1, 2 threads",
-        {"ML_NUM_THREADS": 2, "CLASSIFY_BATCH_SIZE": 32},
-    ),
-    (
-        "litert, no batches, prefork -c 1, 2 threads",
-        {"ML_NUM_THREADS": 2, "CLASSIFY_BATCH_SIZE": 1},
-    ),
-    (
-        "litert, batches of 16, prefork -c 2, 1 thread",
+        "litert, batches of 32, prefork -c 2, 1 thread each",
         {"CELERY_WORKER_CONCURRENCY": 2, "ML_NUM_THREADS": 1},
     ),
 ]

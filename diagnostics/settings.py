@@ -193,9 +193,9 @@ CLASSIFY_MAX_RETRIES = env.int("CLASSIFY_MAX_RETRIES", default=5)
 # A worker takes the jobs waiting for it as one batch: up to CLASSIFY_BATCH_SIZE, or what
 # arrived within CLASSIFY_BATCH_WAIT_MS of the first (bench/results/worker.md measured it).
 # Database writes are per batch; S3 fetches, decoding and heatmaps use CLASSIFY_IO_THREADS.
-CLASSIFY_BATCH_SIZE = env.int("CLASSIFY_BATCH_SIZE", default=16)
+CLASSIFY_BATCH_SIZE = env.int("CLASSIFY_BATCH_SIZE", default=32)
 CLASSIFY_BATCH_WAIT_MS = env.int("CLASSIFY_BATCH_WAIT_MS", default=20)
-CLASSIFY_IO_THREADS = env.int("CLASSIFY_IO_THREADS", default=4)
+CLASSIFY_IO_THREADS = env.int("CLASSIFY_IO_THREADS", default=2)
 # How many times a worker may start on one image before it fails: bounds an input that
 # crashes the model or kills the worker.
 CLASSIFY_MAX_ATTEMPTS = env.int("CLASSIFY_MAX_ATTEMPTS", default=3)

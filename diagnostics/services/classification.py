@@ -223,8 +223,10 @@ def images_classify(*, image_ids, classifier) -> BatchOutcome:
         return outcome
     pool = _io_pool()
     size = classifier.input_size
+    attempts = {str(image.id): image.attempts for image in claims.claimed}
     fetches = [(image, pool.submit(_fetch_and_decode, image, size)) for image in claims.claimed]
     done: list[_Work] = []
+    recorded = 0
     for image, fetch in fetches:
         key = str(image.id)
         with case_context(image.case_id):
@@ -237,40 +239,69 @@ def images_classify(*, image_ids, classifier) -> BatchOutcome:
                 outcome.failed[key] = f"the model could not read the image: {exc}"
                 continue
             work = _Work(image=image, data=data, pixels=pixels)
-            if not classifier.batches_calls:
-                # CPU runtimes: one image per call is fastest, and overlaps the fetches.
-                _analyse(classifier, [work], outcome)
             done.append(work)
+            if not classifier.batches_calls:
+                # CPU runtimes: one image per call is fastest, and overlaps the fetches;
+                # its heatmap renders on the pool while the model runs the next one.
+                _analyse(classifier, [work], outcome)
+                _heatmap_submit(pool, work)
+        if recorded == 0 and len(done) == FIRST_RESULTS and not classifier.batches_calls:
+            # The batch's first results go out before the rest are computed: a worker
+            # that just started (or a batch of a case's slices) shows results sooner.
+            _record(done, attempts, classifier, BatchOutcome(), into=outcome)
+            recorded = len(done)
     if classifier.batches_calls:
         _analyse(classifier, [w for w in done if w.result is None], outcome)
-    accepted = [w for w in done if w.result is not None]
-    for work in accepted:
-        if work.result.rejected:
-            outcome.rejected[str(work.image.id)] = work.result.rejection_reason
-        elif work.result.heatmap is not None:
-            work.heatmap = pool.submit(
-                heatmaps.heatmap_overlay_store,
-                image_id=work.image.id,
-                case_id=work.image.case_id,
-                image_bytes=work.data,
-                heatmap=work.result.heatmap,
-                pixels=work.pixels,
-            )
+        for work in done:
+            _heatmap_submit(pool, work)
+    _record(done[recorded:], attempts, classifier, outcome, into=outcome)
+    return outcome
+
+
+# How many results of a batch are recorded before the rest are computed (CPU runtimes).
+FIRST_RESULTS = 8
+
+
+def _heatmap_submit(pool: ThreadPoolExecutor, work: _Work) -> None:
+    result = work.result
+    if result is not None and not result.rejected and result.heatmap is not None:
+        work.heatmap = pool.submit(
+            heatmaps.heatmap_overlay_store,
+            image_id=work.image.id,
+            case_id=work.image.case_id,
+            image_bytes=work.data,
+            heatmap=result.heatmap,
+            pixels=work.pixels,
+        )
+
+
+def _record(
+    works: list[_Work], attempts: dict, classifier, outcome: BatchOutcome, *, into: BatchOutcome
+) -> None:
+    """Wait for the works' heatmaps, then record them with what `outcome` holds (the
+    batch's failures, on its last call); results are merged into `into`."""
+    accepted = [w for w in works if w.result is not None]
     heatmap_keys = {}
     for work in accepted:
-        if work.heatmap is not None:
+        key = str(work.image.id)
+        if work.result.rejected:
+            outcome.rejected[key] = work.result.rejection_reason
+        elif work.heatmap is not None:
             try:
-                heatmap_keys[str(work.image.id)] = work.heatmap.result()
+                heatmap_keys[key] = work.heatmap.result()
             except storage.StorageUnavailable as exc:
-                outcome.transient[str(work.image.id)] = str(exc)
+                outcome.transient[key] = str(exc)
     results_record(
         works=[w for w in accepted if str(w.image.id) not in outcome.transient],
-        attempts={str(image.id): image.attempts for image in claims.claimed},
+        attempts=attempts,
         heatmap_keys=heatmap_keys,
         classifier=classifier,
         outcome=outcome,
     )
-    return outcome
+    if outcome is not into:
+        into.predictions |= outcome.predictions
+        into.rejected |= outcome.rejected
+        into.transient |= outcome.transient
 
 
 def _analyse(classifier, works: list[_Work], outcome: BatchOutcome) -> None:
@@ -304,7 +335,7 @@ def results_record(
     """Write a batch's results in one transaction: predictions, finished and released
     images, their audit events, and the statuses of their cases. Only images still
     `processing` are written (a second delivery of the same job finds them finished).
-    Fills outcome.predictions; moves model errors on their last attempt to outcome.failed."""
+    Adds to outcome.predictions; moves model errors on their last attempt to outcome.failed."""
     ids = [w.image.id for w in works]
     ids += [*outcome.failed, *outcome.model_errors, *outcome.transient]
     if not ids:
@@ -332,7 +363,7 @@ def results_record(
             audit.events_record(
                 [_prediction_event(p, case_of[p.image_id], cases, classifier) for p in predictions]
             )
-        outcome.predictions = {str(p.image_id): p for p in predictions}
+        outcome.predictions |= {str(p.image_id): p for p in predictions}
         scores = {str(w.image.id): _finite(w.result.ood_score) for w in works}
         rejected = {i: reason for i, reason in outcome.rejected.items() if i in held}
         _images_finish(rejected, Status.REJECTED, case_of, cases, scores)

@@ -141,6 +141,9 @@ def test_database_round_trips_are_per_batch_not_per_image():
         return len(queries)
 
     assert queries_for(1) == queries_for(8) == 19
+    # Above the first 8 results (recorded before the rest are computed), one more record
+    # transaction, whatever the rest's size.
+    assert queries_for(9) == queries_for(32) == 19 + 11
 
 
 def test_a_prediction_keeps_the_flags_and_the_heatmap_overlay_in_s3():
