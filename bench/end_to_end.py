@@ -249,7 +249,7 @@ def markdown(report: dict) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rates", default="4,8,12,16,20,24", help="offered scans/s, rising")
+    parser.add_argument("--rates", default="8,16,24,32,40,48", help="offered scans/s, rising")
     parser.add_argument("--seconds", type=float, default=20.0, help="per offered load")
     parser.add_argument("--drain-s", type=float, default=3.0)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "end_to_end"))
