@@ -70,26 +70,53 @@ def _backoff_s(retries: int) -> int:
 
 
 class ClassifyBatches(Batches):
-    """celery-batches' Batches, acknowledging a batch's jobs once it ran and giving them
-    back to the broker when its pool process died or was killed at the time limit (what
-    task_acks_late and task_reject_on_worker_lost do for plain tasks; Batches has no such
-    path, so the jobs would stay reserved and unacknowledged by this worker for good)."""
+    """celery-batches' Batches with three changes:
+
+    - a batch is handed to the pool only when a pool process is free, and then takes
+      everything waiting (up to flush_every): flushing on every timer tick would queue many
+      tiny batches behind a busy process, each paying the per-batch cost, so a busy worker
+      would fall further behind instead of batching more;
+    - its jobs are acknowledged once it ran;
+    - they are given back to the broker when its pool process died or was killed at the
+      time limit (what task_acks_late and task_reject_on_worker_lost do for plain tasks;
+      Batches has no such path, so the jobs would stay reserved by this worker for good).
+    """
+
+    _in_flight = 0
+    _in_flight_lock = threading.Lock()
 
     def flush(self, requests):
         requests = list(requests)
-        batch = ([SimpleRequest.from_request(request) for request in requests],)
+        with self._in_flight_lock:
+            free = self._in_flight < self._pool.num_processes
+            if free:
+                self._in_flight += 1
+        if not free:
+            for request in requests:  # kept for when a process is free (timer or callback)
+                self._buffer.put(request)
+            return None
+        batch, rest = requests[: self.flush_every], requests[self.flush_every :]
+        for request in rest:
+            self._buffer.put(request)
+
+        def finished():
+            with self._in_flight_lock:
+                self._in_flight -= 1
+            self._do_flush()  # the next batch: whatever waits now
 
         def acknowledge(_result):
-            for request in requests:
+            for request in batch:
                 request.acknowledge()
+            finished()
 
         def give_back(_error):
-            for request in requests:
+            for request in batch:
                 request.reject(requeue=True)
+            finished()
 
         return self._pool.apply_async(
             apply_batches_task,
-            (self, batch, 0, None),
+            (self, ([SimpleRequest.from_request(r) for r in batch],), 0, None),
             callback=acknowledge,
             error_callback=give_back,
         )

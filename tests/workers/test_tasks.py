@@ -151,3 +151,76 @@ def test_a_batch_of_jobs_is_classified_together(use_classifier, tiny_classifier)
     tasks.classify_image(requests)
 
     assert set(Image.objects.filter(id__in=ids).values_list("status", flat=True)) == {Status.DONE}
+
+
+class FakeRequest:
+    """What ClassifyBatches reads of a Celery request, and what it does to one."""
+
+    eta = None
+    name, delivery_info, hostname, reply_to, correlation_id = "classify_image", {}, "h", None, None
+    request_dict: dict = {}
+
+    def __init__(self, image_id):
+        self.id, self._payload, self.outcome = image_id, ([image_id], {}, {}), None
+
+    def acknowledge(self):
+        self.outcome = "acknowledged"
+
+    def reject(self, requeue):
+        self.outcome = "requeued" if requeue else "rejected"
+
+
+class FakePool:
+    num_processes = 1
+
+    def __init__(self):
+        self.batches = []  # [(image ids, callback, error callback)]
+
+    def apply_async(self, target, args, callback, error_callback):
+        self.batches.append(([r.args[0] for r in args[1][0]], callback, error_callback))
+
+
+@pytest.fixture
+def batches(monkeypatch):
+    from queue import Queue
+
+    task = tasks.classify_image
+    monkeypatch.setattr(task, "_pool", FakePool())
+    monkeypatch.setattr(task, "_buffer", Queue())
+    monkeypatch.setattr(task, "_pending", Queue())
+    monkeypatch.setattr(task, "_in_flight", 0)
+    monkeypatch.setattr(task, "_tref", None)
+    return task
+
+
+def test_a_busy_worker_holds_jobs_back_and_hands_them_over_as_one_batch(batches):
+    first, second, third = FakeRequest("a"), FakeRequest("b"), FakeRequest("c")
+
+    batches.flush([first])
+    batches.flush([second])  # the pool process is busy: no batch of one queued behind it
+    batches.flush([third])
+    assert [ids for ids, _, _ in batches._pool.batches] == [["a"]]
+
+    _, acknowledge, _ = batches._pool.batches[0]
+    acknowledge(None)  # the first batch finished: the next takes everything waiting
+
+    assert first.outcome == "acknowledged"
+    assert [ids for ids, _, _ in batches._pool.batches] == [["a"], ["b", "c"]]
+
+
+def test_a_batch_whose_pool_process_died_goes_back_to_the_broker(batches):
+    request = FakeRequest("a")
+    batches.flush([request])
+
+    _, _, give_back = batches._pool.batches[0]
+    give_back(RuntimeError("worker lost"))
+
+    assert request.outcome == "requeued"
+    assert batches._in_flight == 0
+
+
+def test_a_batch_takes_at_most_flush_every_jobs(batches, monkeypatch):
+    monkeypatch.setattr(batches, "flush_every", 2)
+    batches.flush([FakeRequest(name) for name in "abc"])
+    assert [ids for ids, _, _ in batches._pool.batches] == [["a", "b"]]
+    assert batches._buffer.qsize() == 1
