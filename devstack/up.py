@@ -135,6 +135,8 @@ def _web_command(port: int) -> list[str]:
         "diagnostics.wsgi:application",
         f"--bind=127.0.0.1:{port}",
         "--workers=2",
+        # Threads overlap a request's S3 and database waits (bench/results/end_to_end.md).
+        "--threads=4",
         "--access-logfile=-",
     ]
 
