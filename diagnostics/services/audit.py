@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from diagnostics.models import AuditEvent, Case, Image
+from diagnostics.models import AuditEvent
 
 
 @dataclass(frozen=True)
@@ -71,26 +71,10 @@ def changes_between(before: dict, after: dict) -> dict:
     }
 
 
-def record(
-    *,
-    action: str,
-    object_type: str,
-    object_id,
-    changes: dict,
-    actor=None,
-    case_id=None,
-    site_id=None,
-) -> AuditEvent:
-    """Append one event. `actor` is the user who acted, None for workers and the system."""
-    event = event_new(
-        action=action,
-        object_type=object_type,
-        object_id=object_id,
-        changes=changes,
-        actor=actor,
-        case_id=case_id,
-        site_id=site_id,
-    )
+def record(**fields) -> AuditEvent:
+    """Append one event (the fields of event_new). `actor` is the user who acted, None for
+    workers and the system."""
+    event = event_new(**fields)
     event.save(force_insert=True)
     return event
 
@@ -159,36 +143,39 @@ def case_images_added(*, case, images, actor) -> AuditEvent:
     )
 
 
-def case_status_changed(*, case_id, old: str, new: str) -> AuditEvent:
-    return record(
+# The workers' events, made unsaved for events_record: a batch appends them in one statement.
+
+
+def case_status_changed(*, case_id, site_id, old: str, new: str) -> AuditEvent:
+    return event_new(
         action="case.status_changed",
         object_type="case",
         object_id=case_id,
         case_id=case_id,
-        site_id=_site_of(case_id),
+        site_id=site_id,
         changes={"status": [old, new]},
     )
 
 
-def image_failed(*, image_id) -> AuditEvent:
-    case_id, error = Image.objects.values_list("case_id", "error").get(id=image_id)
-    return record(
-        action="image.failed",
+def image_finished(*, image_id, case_id, site_id, status: str, cause: str) -> AuditEvent:
+    """An image failed or was rejected (`status`), with its cause."""
+    return event_new(
+        action=f"image.{status}",
         object_type="image",
         object_id=image_id,
         case_id=case_id,
-        site_id=_site_of(case_id),
-        changes={"status": [None, "failed"], "error": [None, error]},
+        site_id=site_id,
+        changes={"status": [None, status], "error": [None, cause]},
     )
 
 
-def prediction_recorded(*, prediction, case_id) -> AuditEvent:
-    return record(
+def prediction_recorded(*, prediction, case_id, site_id) -> AuditEvent:
+    return event_new(
         action="prediction.recorded",
         object_type="prediction",
         object_id=prediction.id,
         case_id=case_id,
-        site_id=_site_of(case_id),
+        site_id=site_id,
         changes={
             "image": [None, str(prediction.image_id)],
             "label": [None, prediction.label],
@@ -196,7 +183,3 @@ def prediction_recorded(*, prediction, case_id) -> AuditEvent:
             "model": [None, f"{prediction.model_name} {prediction.model_version}"],
         },
     )
-
-
-def _site_of(case_id):
-    return Case.objects.values_list("site_id", flat=True).get(id=case_id)

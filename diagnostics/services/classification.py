@@ -361,7 +361,14 @@ def results_record(
                 status=Status.DONE, error="", finished_at=now
             )
             audit.events_record(
-                [_prediction_event(p, case_of[p.image_id], cases, classifier) for p in predictions]
+                [
+                    audit.prediction_recorded(
+                        prediction=p,
+                        case_id=case_of[p.image_id],
+                        site_id=cases[case_of[p.image_id]].site_id,
+                    )
+                    for p in predictions
+                ]
             )
         outcome.predictions |= {str(p.image_id): p for p in predictions}
         scores = {str(w.image.id): _finite(w.result.ood_score) for w in works}
@@ -398,22 +405,6 @@ def _prediction_new(work: _Work, classifier, heatmap_key: str, now) -> Predictio
         runtime=classifier.runtime,
         inference_ms=work.inference_ms,
         turnaround_ms=(now - work.image.received_at).total_seconds() * 1000,
-    )
-
-
-def _prediction_event(prediction: Prediction, case_id, cases: dict, classifier):
-    return audit.event_new(
-        action="prediction.recorded",
-        object_type="prediction",
-        object_id=prediction.id,
-        case_id=case_id,
-        site_id=cases[case_id].site_id,
-        changes={
-            "image": [None, str(prediction.image_id)],
-            "label": [None, prediction.label],
-            "probabilities": [None, prediction.probabilities],
-            "model": [None, f"{classifier.name} {classifier.version}"],
-        },
     )
 
 
@@ -464,13 +455,12 @@ def _images_finish(causes: dict, status: str, case_of: dict, cases: dict, scores
     Image.objects.filter(id__in=list(causes)).update(**updates)
     audit.events_record(
         [
-            audit.event_new(
-                action=f"image.{status}",
-                object_type="image",
-                object_id=image_id,
+            audit.image_finished(
+                image_id=image_id,
                 case_id=case_of[image_id],
                 site_id=cases[case_of[image_id]].site_id,
-                changes={"status": [None, status], "error": [None, cause[:2000]]},
+                status=status,
+                cause=cause[:2000],
             )
             for image_id, cause in causes.items()
         ]
@@ -543,13 +533,8 @@ def cases_status_refresh(cases: dict) -> None:
         for case_id in case_ids:
             site_id = cases[case_id].site_id
             events.append(
-                audit.event_new(
-                    action="case.status_changed",
-                    object_type="case",
-                    object_id=case_id,
-                    case_id=case_id,
-                    site_id=site_id,
-                    changes={"status": [cases[case_id].status, new]},
+                audit.case_status_changed(
+                    case_id=case_id, site_id=site_id, old=cases[case_id].status, new=new
                 )
             )
             if terminal:
