@@ -37,22 +37,23 @@ def upsample(heatmap: np.ndarray, size: int) -> np.ndarray:
 
 @functools.cache
 def _colours(colormap: str) -> np.ndarray:
-    """The colormap sampled at 256 levels: (256, 3) float32 0..1 (a lookup per pixel is
-    several times faster than calling the colormap on every pixel)."""
+    """The colormap sampled at 256 levels: (256, 3) uint8 (a lookup per pixel is several
+    times faster than calling the colormap on every pixel)."""
     from matplotlib import colormaps
 
-    return colormaps[colormap](np.linspace(0.0, 1.0, 256))[:, :3].astype(np.float32)
+    return np.round(colormaps[colormap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str = COLORMAP) -> np.ndarray:
-    """uint8 RGB (s, s, 3) image + (h, w) 0..1 map -> uint8 RGB (s, s, 3) blend."""
+    """uint8 RGB (s, s, 3) image + (h, w) 0..1 map -> uint8 RGB (s, s, 3): the image in
+    grayscale with the coloured map blended over it, MAX_ALPHA opaque where the map is 1."""
     size = image.shape[0]
-    weights = upsample(heatmap, size)
-    gray = np.asarray(image, dtype=np.float32).mean(axis=2, keepdims=True) / 255.0
-    colour = _colours(colormap)[np.round(weights * 255).astype(np.uint8)]
-    alpha = (MAX_ALPHA * weights)[..., None]
-    blended = gray + alpha * (colour - gray)
-    return (np.clip(blended, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    levels = np.round(upsample(heatmap, size) * 255).astype(np.uint8)
+    colour = Image.fromarray(_colours(colormap)[levels], mode="RGB")
+    gray = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("L").convert("RGB")
+    opacity = Image.fromarray(np.round(levels * MAX_ALPHA).astype(np.uint8), mode="L")
+    # Pillow blends in C: gray where the opacity is 0, towards the colour as it rises.
+    return np.asarray(Image.composite(colour, gray, opacity))
 
 
 def overlay_png(image: bytes | np.ndarray, heatmap: np.ndarray, size: int | None = None) -> bytes:
