@@ -135,17 +135,20 @@ def classify_image(requests):
     try:
         outcome = services.images_classify(image_ids=list(retries), classifier=classifier())
     except DatabaseError as exc:
-        # Nothing of the batch was written: send every job again, later.
-        logger.warning("database unavailable, %d jobs sent again: %s", len(retries), exc)
+        # Nothing of the batch was written, and nothing can be failed now: send every job
+        # again, later; past the retries PostgreSQL's sweeper sends them once it is back.
+        logger.warning("database unavailable for %d jobs: %s", len(retries), exc)
         for image_id, tries in retries.items():
-            _again(image_id, tries, str(exc), instruments_outcome="retried")
+            if tries < settings.CLASSIFY_MAX_RETRIES:
+                _send(image_id, retries=tries + 1, countdown=_backoff_s(tries))
+            instruments.job_outcome("retried")
         return
     for image_id, retry_in_s in outcome.busy.items():
         # Another worker holds a fresh claim (or died holding it): look when it lapses.
         _send(image_id, retries=retries[image_id], countdown=retry_in_s)
         instruments.job_outcome("busy")
     for image_id, cause in outcome.transient.items():
-        _again(image_id, retries[image_id], cause, instruments_outcome="retried")
+        _again(image_id, retries[image_id], cause)
     for image_id in outcome.model_errors:
         # The image is queued again with one attempt used; a later try may succeed.
         _send(image_id, retries=retries[image_id], countdown=_backoff_s(retries[image_id]))
@@ -160,14 +163,14 @@ def classify_image(requests):
         instruments.job_outcome("skipped")
 
 
-def _again(image_id: str, tries: int, cause: str, *, instruments_outcome: str) -> None:
+def _again(image_id: str, tries: int, cause: str) -> None:
     """A transient failure: send the job again with backoff, or fail the image for good."""
     if tries >= settings.CLASSIFY_MAX_RETRIES:
         services.image_fail(image_id, f"gave up after {tries + 1} tries: {cause}")
         instruments.failed()
         return
     _send(image_id, retries=tries + 1, countdown=_backoff_s(tries))
-    instruments.job_outcome(instruments_outcome)
+    instruments.job_outcome("retried")
 
 
 def _send(image_id: str, *, retries: int, countdown: float) -> None:

@@ -224,3 +224,23 @@ def test_a_batch_takes_at_most_flush_every_jobs(batches, monkeypatch):
     batches.flush([FakeRequest(name) for name in "abc"])
     assert [ids for ids, _, _ in batches._pool.batches] == [["a", "b"]]
     assert batches._buffer.qsize() == 1
+
+
+def test_database_down_sends_the_whole_batch_again_with_backoff(
+    uploaded_image, use_classifier, tiny_classifier, broker, monkeypatch
+):
+    from django.db import OperationalError
+
+    use_classifier(tiny_classifier)
+
+    def database_down(**_):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(services, "images_classify", database_down)
+
+    tasks.classify_image.apply(args=[str(uploaded_image.id)], kwargs={"retries": 2})
+
+    [job] = _sent(broker)
+    assert job["headers"]["argsrepr"] == f"['{uploaded_image.id}']"
+    assert job["headers"]["kwargsrepr"] == "{'retries': 3}"
+    assert job["headers"]["eta"] is not None
