@@ -387,6 +387,16 @@ def results_record(
         if again:
             Image.objects.filter(id__in=again).update(status=Status.QUEUED, queued_at=now)
         cases_status_refresh(cases)
+    for prediction in predictions:
+        # One line per result, tagged with its case: `grep <case id>` follows a case here.
+        with case_context(case_of[prediction.image_id]):
+            logger.info(
+                "image %s classified: %s %.3f%s",
+                prediction.image_id,
+                prediction.label,
+                max(prediction.probabilities.values()),
+                ", needs review" if prediction.needs_review else "",
+            )
 
 
 def _prediction_new(work: _Work, classifier, heatmap_key: str, now) -> Prediction:

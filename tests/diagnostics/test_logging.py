@@ -94,3 +94,19 @@ def test_a_workers_records_carry_the_case_of_the_image_they_are_about(json_lines
         "job-1",
     )
     assert idle["message"] == "idle" and "case_id" not in idle and "task_id" not in idle
+
+
+def test_each_result_a_worker_records_is_logged_with_its_case(json_lines):
+    from tests.diagnostics.services.test_classification import StubClassifier, _result, _uploaded
+
+    [image] = _uploaded()
+
+    services.images_classify(image_ids=[image.id], classifier=StubClassifier(_result("glioma")))
+
+    [line] = [
+        line for line in json_lines() if line["logger"] == "diagnostics.services.classification"
+    ]
+    assert (line["message"], line["case_id"]) == (
+        f"image {image.id} classified: glioma 1.000",
+        str(image.case_id),
+    )

@@ -108,6 +108,6 @@ def test_ready_worker_signed_webhook_with_a_retry_metrics_and_case_id_in_logs(
     processes.stop(worker)
     worker_log = next(tmp_path.glob("worker*.log")).read_text()
     records = [json.loads(line) for line in worker_log.splitlines() if line.startswith("{")]
-    assert any(r.get("case_id") == case_id for r in records)
+    assert any(r.get("case_id") == case_id and " classified: " in r["message"] for r in records)
     assert "DOE^JOHN" not in worker_log and "MRN-4711" not in worker_log
     assert not ready_file.exists()  # removed when the worker stopped
