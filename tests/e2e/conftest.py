@@ -41,6 +41,15 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.2):
     raise AssertionError(f"gave up waiting after {timeout} s")
 
 
+def assert_worker_ready(ready_file: Path, *, timeout: float) -> None:
+    """The worker wrote its readiness file, and the probe compose and Kubernetes run
+    (`python -m workers.health`) says ready."""
+    wait_for(ready_file.exists, timeout=timeout)
+    probe = [sys.executable, "-m", "workers.health"]
+    probe_env = {"WORKER_READY_FILE": str(ready_file), "PATH": ""}
+    assert subprocess.run(probe, cwd=REPO_ROOT, env=probe_env).returncode == 0
+
+
 COMMANDS = {
     "worker": lambda name, tmp: [
         *("-m", "celery", "-A", "workers", "worker", "--loglevel=info"),

@@ -1,14 +1,11 @@
 """Real workers on separate queues: a housekeeping-only worker (`-Q celery`) loads no model
 and never takes a classification job; a `-Q classify` worker (a GPU node's) does."""
 
-import subprocess
-import sys
-
 import pytest
 import requests
 
 from diagnostics.models import Image
-from tests.e2e.conftest import REPO_ROOT, wait_for
+from tests.e2e.conftest import assert_worker_ready, wait_for
 from tests.factories import UserFactory, token_for
 from tests.images import image_bytes
 
@@ -20,10 +17,7 @@ def test_classification_jobs_wait_for_a_worker_on_the_classify_queue(
 ):
     ready_file = tmp_path / "housekeeping-ready"
     processes.start("worker", "-Q", "celery", WORKER_READY_FILE=ready_file)
-    wait_for(ready_file.exists, timeout=60)
-    probe = [sys.executable, "-m", "workers.health"]
-    probe_env = {"WORKER_READY_FILE": str(ready_file), "PATH": ""}
-    assert subprocess.run(probe, cwd=REPO_ROOT, env=probe_env).returncode == 0
+    assert_worker_ready(ready_file, timeout=60)
 
     headers = {"Authorization": f"Token {token_for(UserFactory())}"}
     upload = requests.post(

@@ -1,14 +1,11 @@
 """A real worker with CELERY_WORKER_POOL=threads: the threads share one model, the worker
 reports ready once it is loaded, and every image gets exactly one prediction."""
 
-import subprocess
-import sys
-
 import pytest
 import requests
 
 from diagnostics.models import Image, Prediction
-from tests.e2e.conftest import REPO_ROOT, wait_for
+from tests.e2e.conftest import assert_worker_ready, wait_for
 from tests.factories import UserFactory, token_for
 from tests.images import image_bytes
 
@@ -25,10 +22,7 @@ def test_a_threads_pool_worker_is_ready_and_classifies_every_image_once(
         CELERY_WORKER_CONCURRENCY=2,
         WORKER_READY_FILE=ready_file,
     )
-    wait_for(ready_file.exists, timeout=120)
-    probe = [sys.executable, "-m", "workers.health"]
-    probe_env = {"WORKER_READY_FILE": str(ready_file), "PATH": ""}
-    assert subprocess.run(probe, cwd=REPO_ROOT, env=probe_env).returncode == 0
+    assert_worker_ready(ready_file, timeout=120)
 
     headers = {"Authorization": f"Token {token_for(UserFactory())}"}
     upload = requests.post(

@@ -77,3 +77,14 @@ def sartaj_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shipped():
+    """The committed artifact's folder (tests of it skip where it is missing)."""
+    from ml.inference import default_model_dir
+
+    folder = default_model_dir()
+    if not (folder / "model.json").is_file():
+        pytest.skip(f"no shipped artifact at {folder}")
+    return folder

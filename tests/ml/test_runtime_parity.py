@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ml.config import CLASS_NAMES
-from ml.inference import default_model_dir, load_classifier
+from ml.inference import load_classifier
 
 from .conftest import jpeg_bytes, synthetic_scan
 
@@ -36,14 +36,6 @@ def scans():
 def real_scans(sartaj_dir):
     folders = sorted(p for p in (sartaj_dir / "Testing").iterdir() if p.is_dir())
     return [sorted(folder.glob("*.jpg"))[0].read_bytes() for folder in folders]
-
-
-@pytest.fixture(scope="module")
-def shipped():
-    folder = default_model_dir()
-    if not (folder / "model.json").is_file():
-        pytest.skip(f"no shipped artifact at {folder}")
-    return folder
 
 
 @pytest.fixture(scope="module")

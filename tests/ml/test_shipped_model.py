@@ -12,14 +12,6 @@ from .conftest import jpeg_bytes, synthetic_scan
 MAX_FILE_BYTES = 30 * 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    folder = default_model_dir()
-    if not (folder / "model.json").is_file():
-        pytest.skip(f"no shipped artifact at {folder}")
-    return folder
-
-
 def test_default_model_dir_is_inside_the_repo(monkeypatch):
     monkeypatch.delenv("MODEL_DIR", raising=False)
     assert default_model_dir().parent == MODELS_DIR

@@ -19,7 +19,6 @@ from ml.inference import (
     MicroBatcher,
     Prediction,
     class_heatmaps,
-    default_model_dir,
     load_classifier,
 )
 from ml.model import OUTPUT_CAM, build_model, serving_model
@@ -317,14 +316,6 @@ def test_tiny_artifact_gives_every_field(tmp_path):
 
 
 # ---------------------------------------------------------------- the shipped artifact
-
-
-@pytest.fixture(scope="module")
-def shipped():
-    folder = default_model_dir()
-    if not (folder / "model.json").is_file():
-        pytest.skip(f"no shipped artifact at {folder}")
-    return folder
 
 
 @pytest.fixture(scope="module")
