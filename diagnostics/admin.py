@@ -303,11 +303,12 @@ class CaseAdmin(admin.ModelAdmin):
         return _image_response(image, thumbnail=request.GET.get("size") == "thumb")
 
     def heatmap_view(self, request, case_id, image_id):
-        """A slice's heatmap overlay (PNG), after the same site check as the slice."""
+        """A slice's heatmap overlay (PNG), after the same site check as the slice: rendered
+        on first view, then read from S3 (the same service as the API's)."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         try:
-            png = selectors.image_heatmap_get(user=request.user, case_id=case_id, image_id=image_id)
+            png = services.image_heatmap_png(user=request.user, case_id=case_id, image_id=image_id)
         except storage.StorageUnavailable:
             return HttpResponse("object storage is unavailable", status=503)
         if png is None:
@@ -444,8 +445,10 @@ def _ood_score(image) -> float | None:
 
 
 def _heatmap_url(image) -> str | None:
+    """Where the slice's overlay is served, whenever its prediction has a map (the overlay
+    is rendered on first view, so it need not be in S3 yet)."""
     prediction = getattr(image, "prediction", None)
-    if prediction is None or not prediction.heatmap_key:
+    if prediction is None or prediction.heatmap is None:
         return None
     return reverse("admin:diagnostics_case_heatmap", args=[image.case_id, image.id])
 

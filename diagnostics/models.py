@@ -253,9 +253,10 @@ class Prediction(models.Model):
     # The out-of-distribution score of the slice (also on Image.ood_score); null when the
     # model has no OOD detector.
     ood_score = models.FloatField(null=True, blank=True)
-    # The class activation map of `label` as nested lists (7x7 floats, 0..1), so the
-    # overlay can be rendered again; null when the model gives none. The rendered overlay
-    # PNG is in S3 under `heatmap_key` (services.heatmaps.heatmap_key_for), "" when none.
+    # The class activation map of `label` as nested lists (7x7 floats, 0..1), from which
+    # the overlay PNG is rendered; null when the model gives none. The overlay is rendered
+    # on first view (services.heatmaps.image_heatmap_png), not by the worker, and kept in
+    # S3 under `heatmap_key` (services.heatmaps.heatmap_key_for): "" until first viewed.
     heatmap = models.JSONField(null=True, blank=True)
     heatmap_key = models.CharField(max_length=255, blank=True)
     # The probability of the predicted label (its maximum), computed by PostgreSQL so lists

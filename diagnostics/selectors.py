@@ -14,7 +14,6 @@ from django.db.models import (
 )
 from django.db.models import Case as SqlCase
 
-from diagnostics import storage
 from diagnostics.models import (
     TERMINAL_STATUSES,
     AuditEvent,
@@ -142,26 +141,31 @@ def image_get(*, user, case_id, image_id) -> Image | None:
     )
 
 
-def image_heatmap_get(*, user, image_id, case_id=None) -> bytes | None:
-    """The PNG of the heatmap overlay of an image this user may see (its case's site is
-    theirs), read from S3; None when the image is not visible, has no prediction or no
-    heatmap, or its overlay is missing from S3. `case_id`, when given, must match too.
-    Raises storage.StorageUnavailable when S3 cannot be read."""
+def image_heatmap_prediction_get(*, user, image_id, case_id=None) -> Prediction | None:
+    """The prediction of an image this user may see (its case's site is theirs) when it
+    has a heatmap grid, with what its overlay is made from and kept under: the grid, the
+    overlay's key ("" until first rendered) and its image's ids and S3 keys. None when the
+    image is not visible, has no prediction (rejected images have none) or no grid, so
+    another site's image looks like one without a heatmap. `case_id`, when given, must
+    match too."""
     predictions = Prediction.objects.filter(
-        image_id=image_id, image__case__in=cases_visible_to(user)
-    ).exclude(heatmap_key="")
+        image_id=image_id, image__case__in=cases_visible_to(user), heatmap__isnull=False
+    )
     if case_id is not None:
         predictions = predictions.filter(image__case_id=case_id)
-    key = predictions.values_list("heatmap_key", flat=True).first()
-    if not key:
-        return None
-    try:
-        return storage.get(key)
-    except storage.StorageUnavailable:
-        # A missing object is a 404 like a missing row; only then pay for the check.
-        if not storage.exists(key):
-            return None
-        raise
+    return (
+        predictions.select_related("image")
+        .only(
+            "id",
+            "heatmap",
+            "heatmap_key",
+            "image__id",
+            "image__case_id",
+            "image__s3_key",
+            "image__rendering_key",
+        )
+        .first()
+    )
 
 
 def radiologists_of(*, site_id) -> QuerySet:

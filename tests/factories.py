@@ -5,7 +5,7 @@ import factory
 from django.contrib.auth import get_user_model
 from rest_framework.authtoken.models import Token
 
-from diagnostics import services
+from diagnostics import services, storage
 from diagnostics.models import (
     Case,
     Image,
@@ -16,6 +16,7 @@ from diagnostics.models import (
     Status,
     Webhook,
 )
+from tests.images import image_bytes
 
 
 class SiteFactory(factory.django.DjangoModelFactory):
@@ -88,6 +89,14 @@ class ImageFactory(factory.django.DjangoModelFactory):
     status = Status.QUEUED
 
 
+def slice_stored(image, data: bytes | None = None) -> bytes:
+    """Write `image`'s bytes to S3 under its key, as an upload leaves them (the factories
+    write rows only); returns them."""
+    data = image_bytes() if data is None else data
+    storage.put(image.s3_key, data, content_type=image.content_type, sha256=image.sha256)
+    return data
+
+
 class PredictionFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = Prediction
@@ -103,14 +112,12 @@ class PredictionFactory(factory.django.DjangoModelFactory):
     turnaround_ms = 50.0
 
     class Params:
-        # A prediction with a class activation map and its overlay's key (the PNG itself
-        # is not written: tests that fetch it store one with services.heatmap_overlay_store).
+        # A prediction with a class activation map, as a worker records it: the overlay is
+        # not rendered yet (no `heatmap_key`). Tests that fetch it store the slice it is
+        # drawn over with `slice_stored`.
         with_heatmap = factory.Trait(
             heatmap=factory.LazyFunction(
                 lambda: [[round((r + c) / 12, 4) for c in range(7)] for r in range(7)]
-            ),
-            heatmap_key=factory.LazyAttribute(
-                lambda prediction: f"heatmaps/{prediction.image.case_id}/{prediction.image.id}.png"
             ),
             ood_score=812.5,
         )

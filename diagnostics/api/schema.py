@@ -228,7 +228,9 @@ class ImageHeatmapSchema(OpenApiViewExtension):
                 summary="An image's heatmap: where the model saw the evidence for its label",
                 description=(
                     "The class activation map of the predicted label over the slice as the "
-                    "model saw it (224x224 PNG); its URL is the prediction's `heatmap_url`."
+                    "model saw it (224x224 PNG); its URL is the prediction's `heatmap_url`. "
+                    "Rendered on its first fetch and kept in object storage for later ones; "
+                    "503 when object storage is unavailable."
                 ),
                 responses={
                     (200, "image/png"): OpenApiResponse(

@@ -25,7 +25,8 @@ class ModelOutput(serializers.Serializer):
 
 class PredictionOutput(serializers.ModelSerializer):
     model = serializers.SerializerMethodField()
-    # Where the heatmap overlay (PNG) of this prediction can be fetched; null when none.
+    # Where the heatmap overlay (PNG) of this prediction can be fetched; null when it has no
+    # map. Set as soon as there is a map: the overlay is rendered on its first fetch.
     heatmap_url = serializers.SerializerMethodField()
 
     class Meta:
@@ -64,7 +65,7 @@ class PredictionOutput(serializers.ModelSerializer):
 
     @extend_schema_field(serializers.URLField(allow_null=True))
     def get_heatmap_url(self, prediction) -> str | None:
-        if not prediction.heatmap_key:
+        if prediction.heatmap is None:
             return None
         path = reverse("image-heatmap", kwargs={"image_id": prediction.image_id})
         request = self.context.get("request")

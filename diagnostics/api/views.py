@@ -73,15 +73,15 @@ class JsonErrorsNegotiation(BaseContentNegotiation):
 
 
 class ImageHeatmapApi(APIView):
-    """An image's heatmap overlay (PNG), streamed from S3 through the app (the bucket
-    stays private) after the same site check as its case."""
+    """An image's heatmap overlay (PNG), served through the app (the bucket stays private)
+    after the same site check as its case: rendered on first view, then read from S3."""
 
     renderer_classes = [JSONRenderer]
     content_negotiation_class = JsonErrorsNegotiation
 
     def get(self, request, image_id):
         try:
-            png = selectors.image_heatmap_get(user=request.user, image_id=image_id)
+            png = services.image_heatmap_png(user=request.user, image_id=image_id)
         except storage.StorageUnavailable as exc:
             raise ServiceUnavailable("object storage is unavailable, retry later") from exc
         if png is None:

@@ -1,7 +1,7 @@
 """Every write to the domain happens in these modules; the API, the admin and the workers
-call them. `cases`: uploads and classification; `heatmaps`: the class activation overlays
-stored next to the images; `reviews`: the radiologist's reading; `audit`: the append-only
-trail every write records."""
+call them. `cases`: uploads and classification; `heatmaps`: the class activation overlays,
+rendered on first view and kept in S3 next to the images; `reviews`: the radiologist's
+reading; `audit`: the append-only trail every write records."""
 
 from diagnostics.services.cases import (
     IdempotencyKeyReused,
@@ -26,7 +26,7 @@ from diagnostics.services.classification import (
 from diagnostics.services.heatmaps import (
     heatmap_grid,
     heatmap_key_for,
-    heatmap_overlay_store,
+    image_heatmap_png,
 )
 from diagnostics.services.reviews import (
     InvalidReview,
@@ -55,7 +55,7 @@ __all__ = [
     "images_fail",
     "heatmap_grid",
     "heatmap_key_for",
-    "heatmap_overlay_store",
+    "image_heatmap_png",
     "InvalidWebhook",
     "case_event_record",
     "deliveries_resend_stuck",

@@ -1,13 +1,14 @@
 """Heatmap overlays: where in a slice the model saw the evidence for its label.
 
-The classifier gives each prediction a class activation map (7x7, 0..1; ml.inference).
-The classification service renders it over the slice with `heatmap_overlay_store` (a PNG
-in S3 under a key the server makes up, never from user input), and records the key and
-the grid (`heatmap_grid`) on the prediction; the API and the admin serve the PNG through
-the app after the same site check as the image (`selectors.image_heatmap_get`).
-
-Both functions here touch neither the database nor Django's request state, so a worker
-may call them from a thread pool: pure rendering and one S3 put.
+The classifier gives each prediction a class activation map (7x7, 0..1; ml.inference),
+which the classification service records on the prediction as a grid (`heatmap_grid`).
+The overlay PNG is rendered from that grid on first view, not by the worker (most are
+never looked at, and rendering and storing one cost a worker ~5 ms of CPU per job):
+`image_heatmap_png` renders it over the slice the model classified, stores it in S3
+under a key the server makes up, never from user input (`heatmap_key_for`), records
+that key on the prediction, and serves it; later views read it from S3. The API and the
+admin both call it, after the same site check as the image
+(`selectors.image_heatmap_prediction_get`).
 """
 
 import hashlib
@@ -15,7 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from diagnostics import storage
+from diagnostics import selectors, storage
+from diagnostics.models import Prediction
 
 HEATMAP_CONTENT_TYPE = "image/png"
 # The overlay's side in pixels: the model's input size (ml.heatmap.DEFAULT_SIZE), i.e. the
@@ -27,11 +29,7 @@ GRID_DECIMALS = 4
 
 def heatmap_key_for(image) -> str:
     """The S3 key of `image`'s overlay: made from its case's and its own ids only."""
-    return _key(case_id=image.case_id, image_id=image.id)
-
-
-def _key(*, case_id, image_id) -> str:
-    return f"heatmaps/{case_id}/{image_id}.png"
+    return f"heatmaps/{image.case_id}/{image.id}.png"
 
 
 def heatmap_grid(heatmap) -> list[list[float]] | None:
@@ -45,28 +43,56 @@ def heatmap_grid(heatmap) -> list[list[float]] | None:
     return np.round(grid, GRID_DECIMALS).tolist()
 
 
-def heatmap_overlay_render(
-    *, image_bytes: bytes, heatmap: Sequence | np.ndarray, pixels: np.ndarray | None = None
-) -> bytes:
-    """PNG bytes of the map over the slice (ml.heatmap.overlay_png, HEATMAP_SIDE square).
-    Raises ml.data.UnreadableImage for bytes that do not decode, ValueError for a bad map."""
+def heatmap_overlay_render(*, image_bytes: bytes, heatmap: Sequence | np.ndarray) -> bytes:
+    """PNG bytes of the map (a 2-D 0..1 grid: array or nested lists) over the slice's
+    `image_bytes` (ml.heatmap.overlay_png, HEATMAP_SIDE square). Raises
+    ml.data.UnreadableImage for bytes that do not decode, ValueError for a bad map."""
     from ml.heatmap import overlay_png  # numpy, Pillow and matplotlib's colormaps only
 
-    # `pixels`: the slice as the model saw it (ml.data.decode_image), saving a second decode.
-    image = image_bytes if pixels is None else pixels
-    return overlay_png(image, np.asarray(heatmap, dtype=np.float32), size=HEATMAP_SIDE)
+    return overlay_png(image_bytes, np.asarray(heatmap, dtype=np.float32), size=HEATMAP_SIDE)
 
 
-def heatmap_overlay_store(
-    *, image_id, case_id, image_bytes: bytes, heatmap, pixels: np.ndarray | None = None
-) -> str:
-    """Render the overlay of `heatmap` (a 2-D 0..1 grid: array or nested lists) on the
-    slice's `image_bytes` (what the model classified: the image, or a DICOM's rendering),
-    write it to S3 and return its key. No database access: callable from worker threads.
+def image_heatmap_png(*, user, image_id, case_id=None) -> bytes | None:
+    """The heatmap overlay (PNG) of an image this user may see (its case's site is theirs;
+    `case_id`, when given, must match too); None when there is no such image, or it has no
+    prediction or no map (rejected images have neither).
 
-    Raises storage.StorageUnavailable when S3 refuses the write, ml.data.UnreadableImage
-    or ValueError when the image or the map cannot be rendered."""
-    png = heatmap_overlay_render(image_bytes=image_bytes, heatmap=heatmap, pixels=pixels)
-    key = _key(case_id=case_id, image_id=image_id)
+    The overlay is read from S3 when its key is recorded and the object is there;
+    otherwise (first view, or the object went missing) it is rendered from the slice the
+    model classified (a DICOM's 8-bit rendering, else the image) and the stored grid,
+    written to S3 and its key recorded on the prediction. Two first views at once render
+    the same bytes under the same key, and only one records it: harmless. Filling this
+    cache of a derived image changes nothing a reader decides on, so it is not audited.
+
+    Raises storage.StorageUnavailable when S3 cannot be read or refuses the write."""
+    prediction = selectors.image_heatmap_prediction_get(
+        user=user, image_id=image_id, case_id=case_id
+    )
+    if prediction is None:
+        return None
+    if prediction.heatmap_key:
+        png = _get_if_stored(prediction.heatmap_key)
+        if png is not None:
+            return png
+    image = prediction.image
+    slice_bytes = _get_if_stored(image.rendering_key or image.s3_key)
+    if slice_bytes is None:
+        # The classified slice itself is gone: there is nothing to draw the map over.
+        return None
+    png = heatmap_overlay_render(image_bytes=slice_bytes, heatmap=prediction.heatmap)
+    key = prediction.heatmap_key or heatmap_key_for(image)
     storage.put(key, png, content_type=HEATMAP_CONTENT_TYPE, sha256=hashlib.sha256(png).hexdigest())
-    return key
+    Prediction.objects.filter(id=prediction.id, heatmap_key="").update(heatmap_key=key)
+    return png
+
+
+def _get_if_stored(key: str) -> bytes | None:
+    """The object's bytes; None when S3 answers that it has no such object. Raises
+    storage.StorageUnavailable when S3 cannot be read."""
+    try:
+        return storage.get(key)
+    except storage.StorageUnavailable:
+        # Only when the read failed pay for the check of whether the object is missing.
+        if not storage.exists(key):
+            return None
+        raise

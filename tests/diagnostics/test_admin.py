@@ -1,5 +1,6 @@
 import io
 import re
+from unittest import mock
 
 import pytest
 from django.db import connection
@@ -15,6 +16,7 @@ from tests.factories import (
     RadiologistFactory,
     RejectedImageFactory,
     UserFactory,
+    slice_stored,
 )
 from tests.images import image_bytes
 
@@ -336,6 +338,7 @@ def test_the_case_page_shows_heatmaps_review_flags_ood_scores_and_rejections(cli
     ).image
     rejected = RejectedImageFactory(case=case, error=REJECTION, ood_score=15321.4)
     case.refresh_from_db()
+    assert flagged.prediction.heatmap_key == ""  # linked before its first view renders it
 
     response = client.get(f"/admin/diagnostics/case/{case.id}/change/")
 
@@ -362,26 +365,50 @@ def test_the_case_page_shows_heatmaps_review_flags_ood_scores_and_rejections(cli
     assert "a slice failed" not in needs_review
 
 
-def test_heatmaps_are_served_through_the_app(client, radiologist, s3_bucket):
+def test_heatmaps_are_rendered_on_first_view_then_served_from_s3(client, radiologist, s3_keys):
     case = finished_case(site_of(radiologist))
     prediction = PredictionFactory(image__case=case, with_heatmap=True)
     image = prediction.image
-    key = services.heatmap_overlay_store(
-        image_id=image.id, case_id=case.id, image_bytes=image_bytes(), heatmap=prediction.heatmap
-    )
-    assert key == prediction.heatmap_key
+    slice_stored(image)
+    url = f"/admin/diagnostics/case/{case.id}/images/{image.id}/heatmap/"
 
-    served = client.get(f"/admin/diagnostics/case/{case.id}/images/{image.id}/heatmap/")
+    served = client.get(url)
 
     assert served.status_code == 200
+    key = services.heatmap_key_for(image)
+    prediction.refresh_from_db()
+    assert prediction.heatmap_key == key
+    assert s3_keys() == sorted([image.s3_key, key])
     assert served.content == storage.get(key)
+    with PilImage.open(io.BytesIO(served.content)) as png:
+        assert (png.format, png.size) == ("PNG", (224, 224))
     assert served["Content-Type"] == "image/png"
     assert served["Cache-Control"] == "private, max-age=300"
     assert served["X-Content-Type-Options"] == "nosniff"
+    # The API's and the admin's views share the stored overlay; neither renders it again.
+    with mock.patch(
+        "diagnostics.services.heatmaps.heatmap_overlay_render",
+        side_effect=AssertionError("rendered again"),
+    ):
+        assert client.get(url).content == served.content
+    storage.delete_many([key])
+    assert client.get(url).content == served.content == storage.get(key)
 
 
-def test_a_heatmap_of_another_site_or_of_no_prediction_is_not_found(client, radiologist):
+def test_a_heatmap_with_storage_down_is_503(client, radiologist, s3_bucket, request):
+    case = finished_case(site_of(radiologist))
+    image = PredictionFactory(image__case=case, with_heatmap=True).image
+    slice_stored(image)
+    request.getfixturevalue("s3_down")
+
+    served = client.get(f"/admin/diagnostics/case/{case.id}/images/{image.id}/heatmap/")
+
+    assert (served.status_code, served.content) == (503, b"object storage is unavailable")
+
+
+def test_a_heatmap_of_another_site_or_of_no_prediction_is_not_found(client, radiologist, s3_keys):
     other = PredictionFactory(with_heatmap=True).image
+    slice_stored(other)
     without = finished_case(site_of(radiologist)).images.get()
     rejected = rejected_case(site_of(radiologist)).images.get()
 
@@ -390,5 +417,7 @@ def test_a_heatmap_of_another_site_or_of_no_prediction_is_not_found(client, radi
         assert client.get(url).status_code == 404
     # The image id must belong to the case in the URL.
     mine = PredictionFactory(image__case=finished_case(site_of(radiologist)), with_heatmap=True)
+    slice_stored(mine.image)
     url = f"/admin/diagnostics/case/{without.case_id}/images/{mine.image_id}/heatmap/"
     assert client.get(url).status_code == 404
+    assert s3_keys() == sorted([other.s3_key, mine.image.s3_key])  # nothing was rendered

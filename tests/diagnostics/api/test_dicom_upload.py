@@ -256,8 +256,12 @@ def test_a_dicom_with_every_basic_profile_attribute_leaves_none_in_s3_database_o
     response = upload(api(uploader), (name, data))
     assert response.status_code == 202, response.content
     case_id = response.json()["id"]
-    services.image_classify(image_id=response.json()["images"][0]["id"], classifier=tiny_classifier)
+    image_id = response.json()["images"][0]["id"]
+    services.image_classify(image_id=image_id, classifier=tiny_classifier)
     services.case_review(user=radiologist, case_id=case_id, version=0, decision="confirm")
+    # The heatmap overlay is rendered on first view: view it, so that it is in S3 to check.
+    heatmap = api(uploader).get(f"/api/v1/images/{image_id}/heatmap/")
+    assert (heatmap.status_code, heatmap["Content-Type"]) == (200, "image/png")
     answers = [
         response.content.decode(),
         api(uploader).get(f"/api/v1/cases/{case_id}/").content.decode(),

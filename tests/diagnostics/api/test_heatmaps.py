@@ -1,18 +1,23 @@
 """Trust signals in the API: each prediction's review flag, OOD score and heatmap URL,
-rejected images, and GET /api/v1/images/{id}/heatmap/ (the overlay PNG, site-scoped)."""
+rejected images, and GET /api/v1/images/{id}/heatmap/ (the overlay PNG, site-scoped,
+rendered on first view and then read from S3)."""
 
+import io
 import uuid
+from unittest import mock
 
 import pytest
+from PIL import Image as PilImage
 from rest_framework.test import APIClient
 
-from diagnostics import services, storage
-from diagnostics.models import Status
+from diagnostics import storage
+from diagnostics.models import Prediction, Status
 from tests.factories import (
     CaseFactory,
     PredictionFactory,
     RejectedImageFactory,
     UserFactory,
+    slice_stored,
     token_for,
 )
 from tests.images import image_bytes
@@ -23,6 +28,8 @@ NOT_FOUND = {
     "detail": "no heatmap: no such image at your site, or it has none",
     "code": "not_found",
 }
+UNAVAILABLE = {"detail": "object storage is unavailable, retry later", "code": "unavailable"}
+RENDER = "diagnostics.services.heatmaps.heatmap_overlay_render"
 
 
 @pytest.fixture
@@ -38,21 +45,22 @@ def client(user):
 
 
 def heatmap_prediction(user=None, **kwargs):
-    """A prediction with a heatmap whose overlay is in S3, as the workers leave it."""
+    """A prediction with a heatmap grid and its slice in S3, as the workers leave it: the
+    overlay is not rendered yet (no `heatmap_key`)."""
     case = CaseFactory(uploaded_by=user or UserFactory(), status=Status.DONE)
     prediction = PredictionFactory(image__case=case, with_heatmap=True, **kwargs)
-    services.heatmap_overlay_store(
-        image_id=prediction.image_id,
-        case_id=case.id,
-        image_bytes=image_bytes(seed=3),
-        heatmap=prediction.heatmap,
-    )
+    slice_stored(prediction.image, image_bytes(seed=3))
     return prediction
+
+
+def recorded_key(prediction) -> str:
+    return Prediction.objects.values_list("heatmap_key", flat=True).get(id=prediction.id)
 
 
 def test_a_prediction_shows_its_review_flag_ood_score_and_heatmap_url(client, user):
     prediction = heatmap_prediction(user, needs_review=True)
     plain = PredictionFactory(image__case=prediction.image.case)
+    assert prediction.heatmap_key == ""  # the URL is there before the overlay is rendered
 
     response = client.get(f"/api/v1/cases/{prediction.image.case_id}/")
 
@@ -104,16 +112,47 @@ def test_cases_can_be_listed_by_the_rejected_status(client, user):
     assert [case["id"] for case in response.json()["results"]] == [str(rejected.id)]
 
 
-def test_the_heatmap_is_a_png_served_through_the_app(client, user):
+def test_the_first_view_renders_the_heatmap_stores_it_and_records_its_key(client, user, s3_keys):
     prediction = heatmap_prediction(user)
+    image = prediction.image
 
     response = client.get(f"/api/v1/images/{prediction.image_id}/heatmap/")
 
     assert response.status_code == 200
     assert response["Content-Type"] == "image/png"
-    assert response.content == storage.get(prediction.heatmap_key)
     assert response["Cache-Control"] == "private, max-age=300"
     assert response["X-Content-Type-Options"] == "nosniff"
+    key = f"heatmaps/{image.case_id}/{image.id}.png"
+    assert recorded_key(prediction) == key
+    assert s3_keys() == sorted([image.s3_key, key])
+    assert storage.get(key) == response.content
+    with PilImage.open(io.BytesIO(response.content)) as png:
+        assert (png.format, png.size) == ("PNG", (224, 224))
+
+
+def test_later_views_are_served_from_s3_without_rendering(client, user):
+    prediction = heatmap_prediction(user)
+    first = client.get(f"/api/v1/images/{prediction.image_id}/heatmap/")
+
+    with mock.patch(RENDER, side_effect=AssertionError("rendered again")):
+        again = client.get(f"/api/v1/images/{prediction.image_id}/heatmap/")
+
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert again.content == first.content == storage.get(recorded_key(prediction))
+
+
+def test_a_heatmap_gone_from_s3_is_rendered_again(client, user):
+    prediction = heatmap_prediction(user)
+    first = client.get(f"/api/v1/images/{prediction.image_id}/heatmap/")
+    key = recorded_key(prediction)
+    storage.delete_many([key])
+    assert not storage.exists(key)
+
+    again = client.get(f"/api/v1/images/{prediction.image_id}/heatmap/")
+
+    assert again.status_code == 200
+    assert again.content == first.content == storage.get(key)
+    assert recorded_key(prediction) == key
 
 
 @pytest.mark.parametrize("accept", ["image/png", "image/avif,image/webp,*/*", "application/json"])
@@ -128,16 +167,19 @@ def test_whatever_the_client_accepts_it_gets_the_png_or_a_json_error(client, use
     assert missing.json() == NOT_FOUND
 
 
-def test_no_heatmap_another_sites_and_unknown_images_are_all_the_same_404(client, user):
+def test_no_heatmap_another_sites_and_unknown_images_are_all_the_same_404(client, user, s3_keys):
     others = heatmap_prediction()  # another site's
-    without = PredictionFactory(image__case=CaseFactory(uploaded_by=user))
-    rejected = RejectedImageFactory(case=CaseFactory(uploaded_by=user))
-    # The key is recorded but the object never reached S3.
+    without = PredictionFactory(image__case=CaseFactory(uploaded_by=user))  # no grid
+    rejected = RejectedImageFactory(case=CaseFactory(uploaded_by=user))  # no prediction
+    # A grid, but the slice to draw it over is not in S3.
     lost = PredictionFactory(image__case=CaseFactory(uploaded_by=user), with_heatmap=True)
+    stored = s3_keys()
 
     for image_id in (others.image_id, without.image_id, rejected.id, lost.image_id, uuid.uuid4()):
         response = client.get(f"/api/v1/images/{image_id}/heatmap/")
         assert (response.status_code, response.json()) == (404, NOT_FOUND), image_id
+    assert s3_keys() == stored  # nothing was rendered, another site's heatmap least of all
+    assert recorded_key(others) == ""
 
 
 def test_a_malformed_id_is_the_apis_json_404(client):
@@ -156,14 +198,16 @@ def test_without_a_token_it_is_401():
     assert response.json() == {"detail": "Authentication credentials were not provided."}
 
 
-def test_storage_down_is_503(client, user, s3_bucket, request):
+@pytest.mark.parametrize("viewed_before", [False, True], ids=["first view", "stored"])
+def test_storage_down_is_503(client, user, s3_bucket, request, viewed_before):
     prediction = heatmap_prediction(user)
+    if viewed_before:
+        assert client.get(f"/api/v1/images/{prediction.image_id}/heatmap/").status_code == 200
+    key = recorded_key(prediction)
     request.getfixturevalue("s3_down")
 
     response = client.get(f"/api/v1/images/{prediction.image_id}/heatmap/")
 
-    assert response.status_code == 503
-    assert response.json() == {
-        "detail": "object storage is unavailable, retry later",
-        "code": "unavailable",
-    }
+    assert (response.status_code, response["Content-Type"]) == (503, "application/json")
+    assert response.json() == UNAVAILABLE
+    assert recorded_key(prediction) == key  # "" when it was never rendered
