@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.worker import (  # noqa: E402  (needs the repo on sys.path first)
-    _tree_rss_mb,
+    _tree_memory_mb,
     run_driver_and_report,
 )
 
@@ -175,6 +175,7 @@ def driver(args) -> dict:
     os.environ["CELERY_WORKER_POOL"] = args.worker_pool
     os.environ["CELERY_WORKER_CONCURRENCY"] = str(args.worker_concurrency)
     os.environ["ML_NUM_THREADS"] = str(args.ml_threads)
+    os.environ["ML_INTERPRETERS"] = str(args.ml_interpreters)
     worker = _start(
         [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=warning"]
         + ["--without-gossip", "--without-mingle"],
@@ -187,6 +188,7 @@ def driver(args) -> dict:
             "pool": args.worker_pool,
             "concurrency": args.worker_concurrency,
             "ml_num_threads": args.ml_threads,
+            "ml_interpreters": args.ml_interpreters,
         },
         "web": "gunicorn " + " ".join(web_options),
     }
@@ -219,8 +221,12 @@ def driver(args) -> dict:
             row["half_of_max"] = True
             print(json.dumps(row), file=sys.stderr, flush=True)
             report["loads"].append(row)
-        report["worker_rss_mb"] = round(_tree_rss_mb(worker.pid), 1)
-        report["web_rss_mb"] = round(_tree_rss_mb(web.pid), 1)
+        report["worker_rss_mb"], report["worker_pss_mb"] = (
+            round(value, 1) for value in _tree_memory_mb(worker.pid)
+        )
+        report["web_rss_mb"], report["web_pss_mb"] = (
+            round(value, 1) for value in _tree_memory_mb(web.pid)
+        )
     finally:
         _stop(worker)
         _stop(web)
@@ -231,10 +237,12 @@ def markdown(report: dict) -> str:
     worker = report.get("worker", {})
     lines = [
         f"Worker: {worker.get('pool')} pool, concurrency {worker.get('concurrency')}, "
-        f"{worker.get('ml_num_threads')} LiteRT threads; API: {report.get('web')}",
+        f"{worker.get('ml_interpreters', 1)} LiteRT interpreters of "
+        f"{worker.get('ml_num_threads')} thread(s); API: {report.get('web')}",
         "",
         f"Highest sustained load: {report['max_sustained_per_s']} scans/s; worker RSS "
-        f"{report['worker_rss_mb']:.0f} MB (main + pool), gunicorn {report['web_rss_mb']:.0f} MB",
+        f"{report['worker_rss_mb']:.0f} MB (main + pool; PSS {report.get('worker_pss_mb', 0):.0f}"
+        f" MB), gunicorn {report['web_rss_mb']:.0f} MB (PSS {report.get('web_pss_mb', 0):.0f} MB)",
         "",
         "| offered /s | uploads | done | completed /s | p50 ms | p95 ms | p99 ms "
         "| upload request p95 ms | last result after last upload s | sustained |",
@@ -260,7 +268,12 @@ def main():
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "end_to_end"))
     parser.add_argument("--worker-pool", default="prefork", choices=["prefork", "threads"])
     parser.add_argument("--worker-concurrency", type=int, default=1)
-    parser.add_argument("--ml-threads", type=int, default=2, help="LiteRT threads (ML_NUM_THREADS)")
+    parser.add_argument(
+        "--ml-threads", type=int, default=1, help="threads per LiteRT interpreter (ML_NUM_THREADS)"
+    )
+    parser.add_argument(
+        "--ml-interpreters", type=int, default=2, help="LiteRT interpreters (ML_INTERPRETERS)"
+    )
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn --workers")
     parser.add_argument("--web-threads", type=int, default=4, help="gunicorn --threads")
     parser.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
@@ -273,6 +286,7 @@ def main():
     driver_args += ["--drain-s", str(args.drain_s), "--worker-pool", args.worker_pool]
     driver_args += ["--worker-concurrency", str(args.worker_concurrency)]
     driver_args += ["--ml-threads", str(args.ml_threads)]
+    driver_args += ["--ml-interpreters", str(args.ml_interpreters)]
     driver_args += ["--web-workers", str(args.web_workers), "--web-threads", str(args.web_threads)]
     run_driver_and_report(
         __file__, driver_args, scratch_prefix="bench-e2e-", out=args.out, markdown=markdown

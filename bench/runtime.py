@@ -41,11 +41,13 @@ RUNTIMES = [
     "tf_function",
     "litert:1",
     "litert:2",
+    "litert:1x2",
     "onnxruntime:1",
     "onnxruntime:2",
     "litert:1@150",
     "classifier:1",
     "classifier:2",
+    "classifier:1x2",
 ]
 ONNX_PATH = REPO / "cache" / "bench" / "model.onnx"
 
@@ -69,8 +71,11 @@ def onnx_model(tflite: Path) -> Path:
 
 
 def make_runner(spec: str, model_dir: Path):
-    """-> callable float32 NHWC batch -> probabilities; imports only what it needs."""
+    """-> callable float32 NHWC batch -> probabilities; imports only what it needs.
+    "litert:1x2": two interpreters ("lanes") of 1 thread each, called from two threads."""
     name, _, threads = spec.partition(":")
+    threads, _, lanes = threads.partition("x")
+    lanes = lanes or "1"
     if name in ("keras_predict", "keras_call", "tf_function"):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import keras
@@ -96,6 +101,7 @@ def make_runner(spec: str, model_dir: Path):
         return lambda batch: numpy(compiled(batch))
     if name == "classifier":
         os.environ["ML_NUM_THREADS"] = threads
+        os.environ["ML_INTERPRETERS"] = lanes
         from ml.inference import load_classifier
 
         classifier = load_classifier(model_dir, runtime="litert")
@@ -103,7 +109,7 @@ def make_runner(spec: str, model_dir: Path):
     if name == "litert":
         from ml.inference import _LiteRTRunner
 
-        return _LiteRTRunner(model_dir / "model.tflite", int(threads))
+        return _LiteRTRunner(model_dir / "model.tflite", int(threads), lanes=int(lanes))
     if name == "onnxruntime":
         path = onnx_model(model_dir / "model.tflite")
         import onnxruntime
@@ -130,13 +136,26 @@ def _shape(output):
     return list(np.asarray(output).shape)
 
 
-def throughput(call, make_input, images_per_call: int, seconds: float) -> float:
-    call(make_input())  # a warm-up call per shape (allocation, tracing)
-    calls, started = 0, time.perf_counter()
-    while calls < 2 or time.perf_counter() - started < seconds:
-        call(make_input())
-        calls += 1
-    return calls * images_per_call / (time.perf_counter() - started)
+def throughput(call, make_input, images_per_call: int, seconds: float, streams: int = 1) -> float:
+    """Images/s of `call`, from `streams` threads calling it side by side."""
+    import threading
+
+    for _ in range(streams):
+        call(make_input())  # a warm-up call per shape (allocation, tracing)
+    calls = [0] * streams
+    started = time.perf_counter()
+
+    def stream(index: int) -> None:
+        while calls[index] < 2 or time.perf_counter() - started < seconds:
+            call(make_input())
+            calls[index] += 1
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(calls) * images_per_call / (time.perf_counter() - started)
 
 
 def _peak_rss_mb() -> float:
@@ -155,6 +174,7 @@ def child(spec: str, batches: list[int], seconds: float, baseline: str | None = 
     # input-size trade-off. Accuracy at another size needs a model trained at that size.
     spec, _, other_size = spec.partition("@")
     size = int(other_size) if other_size else size
+    streams = int(spec.partition("x")[2] or 1)  # one calling thread per interpreter
     jpegs = [mri_like_jpeg(index) for index in range(max(batches))]
     run = make_runner(spec, model_dir)
     loaded_s = time.perf_counter() - PROCESS_STARTED
@@ -178,12 +198,13 @@ def child(spec: str, batches: list[int], seconds: float, baseline: str | None = 
             lambda: decode_batch([jpegs[next(counter) % len(jpegs)]], size),
             1,
             seconds,
+            streams,
         ),
         2,
     )
     for batch in batches:
         result["images_per_s"][str(batch)] = round(
-            throughput(run, lambda b=batch: decoded[:b], batch, seconds), 2
+            throughput(run, lambda b=batch: decoded[:b], batch, seconds, streams), 2
         )
         if batch == 1:
             result["peak_rss_mb_batch_1"] = _peak_rss_mb()
@@ -191,7 +212,7 @@ def child(spec: str, batches: list[int], seconds: float, baseline: str | None = 
     result["tensorflow_imported"] = "tensorflow" in sys.modules
     if spec.startswith("classifier"):
         result["trust_overhead_ms_per_image"] = trust_overhead(model_dir, decoded, batches)
-    if baseline and spec.startswith("litert") and not other_size:
+    if baseline and spec.startswith("litert") and not other_size and streams == 1:
         result["vs_baseline_ms_per_image"] = versus_baseline(
             Path(baseline), model_dir, int(spec.partition(":")[2]), decoded, batches
         )

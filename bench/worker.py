@@ -11,11 +11,14 @@ worker starts, so the worker is never starved:
 
 - jobs/s: (N - 1) / (last finished_at - first finished_at), from PostgreSQL;
 - cold start: worker process start -> first image done;
-- worker RSS: the peak of the worker's process tree (main + pool), sampled every 0.2 s;
+- worker memory: the peak of the worker's process tree (main + pool), sampled every 0.2 s,
+  as the sum of RSS and as PSS (pages shared by the fork counted once);
 - raw runtime: the same classifier in this process, predict([jpeg]) per scan (decode +
-  resize + model, batch 1), measured before and after the workers (mean of the two);
-- efficiency = worker jobs/s / raw images/s, also against the raw figure with the heatmap
-  overlay each job renders; speed-up = worker jobs/s / naive jobs/s.
+  resize + model + CAM + OOD score, batch 1), measured before and after the workers (mean
+  of the two), two ways (RAW): one stream on one interpreter of 2 threads, and one stream
+  per interpreter on 2 interpreters of 1 thread;
+- efficiency = worker jobs/s / the faster raw figure, also shown against the one-stream
+  figure; speed-up = worker jobs/s / naive jobs/s.
 
 The naive worker is the same worker with MODEL_RUNTIME=keras_predict: TensorFlow,
 Keras model.predict per job, as most Celery projects of this kind do.
@@ -55,39 +58,59 @@ def _create_database(url: str) -> None:
     admin.close()
 
 
-def _tree_rss_mb(pid: int) -> float:
+def _tree_memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) of the process tree in MB. The RSS sum counts the pages a prefork pool
+    process shares with its parent (copy-on-write) twice; PSS counts each page once,
+    split between the processes that share it."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
-        return sum(p.memory_info().rss for p in processes if p.is_running()) / 2**20
+        rss = pss = 0
+        for process in processes:
+            memory = process.memory_full_info()
+            rss, pss = rss + memory.rss, pss + memory.pss
+        return rss / 2**20, pss / 2**20
     except psutil.NoSuchProcess:
-        return 0.0
+        return 0.0, 0.0
 
 
-def raw_runtime(classifier, jpegs: list[bytes], seconds: float, heatmaps: bool = False) -> float:
-    """Images/s of classifier.predict([jpeg]) in this process (decode, resize, model, CAM
-    and OOD score); with `heatmaps`, also the overlay PNG a worker renders for each."""
-    import numpy as np
+def raw_runtime(jpegs: list[bytes], seconds: float, *, interpreters: int, threads: int) -> float:
+    """Images/s of Classifier.predict([jpeg]) in this process (decode, resize, model, CAM
+    and OOD score), from one calling thread per LiteRT interpreter."""
+    import threading
 
-    from ml.data import decode_image
-    from ml.heatmap import overlay_png
+    from ml.inference import load_classifier
 
-    def one(jpeg: bytes) -> None:
-        if not heatmaps:
-            classifier.predict([jpeg])
-            return
-        pixels = decode_image(jpeg, classifier.input_size)
-        [result] = classifier.analyse_batch(pixels[np.newaxis].astype(np.float32))
-        overlay_png(pixels, result.heatmap)
+    os.environ |= {"ML_INTERPRETERS": str(interpreters), "ML_NUM_THREADS": str(threads)}
+    classifier = load_classifier(runtime="litert")
+    classifier.warm_up()
+    for jpeg in jpegs[:interpreters]:
+        classifier.predict([jpeg])
+    counts = [0] * interpreters
+    started = time.perf_counter()
 
-    one(jpegs[0])
-    count, started = 0, time.perf_counter()
-    while count < 10 or time.perf_counter() - started < seconds:
-        one(jpegs[count % len(jpegs)])
-        count += 1
-    return count / (time.perf_counter() - started)
+    def stream(index: int) -> None:
+        while counts[index] < 10 or time.perf_counter() - started < seconds:
+            classifier.predict([jpegs[(counts[index] * interpreters + index) % len(jpegs)]])
+            counts[index] += 1
+
+    streams = [threading.Thread(target=stream, args=(i,)) for i in range(interpreters)]
+    for thread in streams:
+        thread.start()
+    for thread in streams:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+# The raw runtime two ways: one interpreter of 2 threads called from one thread (the
+# fastest single stream), and the worker's default, 2 interpreters of 1 thread each called
+# side by side. Efficiency is against the faster of the two.
+RAW = {
+    "one stream": {"interpreters": 1, "threads": 2},
+    "two interpreters": {"interpreters": 2, "threads": 1},
+}
 
 
 def seed(user, jpegs: list[bytes], tag: str) -> list:
@@ -106,15 +129,20 @@ def run_worker(image_ids: list, env: dict, log_path: Path, timeout_s: float) -> 
 
     command = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--loglevel=warning"]
     command += ["--without-gossip", "--without-mingle", "--hostname=bench@%h"]
+    # Counting every finished image, less those finished before, is cheaper than matching
+    # the ids: this poller shares the cores with the worker it measures.
+    finished_before = Image.objects.filter(status__in=TERMINAL_STATUSES).count()
     started = time.time()
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    peak_rss, first_done_at = 0.0, None
+    peak_rss = peak_pss = 0.0
+    first_done_at = None
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            peak_rss = max(peak_rss, _tree_rss_mb(worker.pid))
-            done = Image.objects.filter(id__in=image_ids, status__in=TERMINAL_STATUSES).count()
+            rss, pss = _tree_memory_mb(worker.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            done = Image.objects.filter(status__in=TERMINAL_STATUSES).count() - finished_before
             if done and first_done_at is None:
                 first_done_at = time.time()
             if done == len(image_ids):
@@ -139,6 +167,7 @@ def run_worker(image_ids: list, env: dict, log_path: Path, timeout_s: float) -> 
         # The DB clock stamps finished_at; this process's clock the start: same machine.
         "cold_start_to_first_result_s": round(finished[0].timestamp() - started, 2),
         "peak_worker_rss_mb": round(peak_rss, 1),
+        "peak_worker_pss_mb": round(peak_pss, 1),
     }
 
 
@@ -151,7 +180,6 @@ def driver(args) -> dict:
     from bench.scans import scans
     from diagnostics import services, storage
     from diagnostics.models import Site
-    from ml.inference import load_classifier
 
     call_command("migrate", verbosity=0)
     storage.ensure_bucket()
@@ -170,10 +198,11 @@ def driver(args) -> dict:
     run_tag = str(int(time.time()))
     jpegs = scans(args.n, salt=0)
 
-    litert = load_classifier(runtime="litert")
-    raw_before = raw_runtime(litert, jpegs, args.raw_seconds)
-    with_heatmaps_before = raw_runtime(litert, jpegs, args.raw_seconds, heatmaps=True)
-    print(f"raw runtime before: {raw_before:.1f} images/s", file=sys.stderr, flush=True)
+    environment = dict(os.environ)
+    raw_before = {name: raw_runtime(jpegs, args.raw_seconds, **how) for name, how in RAW.items()}
+    os.environ.clear()
+    os.environ.update(environment)
+    print(f"raw runtime before: {raw_before} images/s", file=sys.stderr, flush=True)
     results = {"configurations": []}
     configurations = [(name, args.n, dict(cfg)) for name, cfg in args.configurations]
     configurations.append(("naive: keras model.predict per job", args.naive_n, NAIVE))
@@ -189,68 +218,76 @@ def driver(args) -> dict:
         row |= run_worker(image_ids, env, log_path, args.timeout)
         print(json.dumps(row), file=sys.stderr, flush=True)
         results["configurations"].append(row)
-    raw_after = raw_runtime(litert, jpegs, args.raw_seconds)
-    with_heatmaps_after = raw_runtime(litert, jpegs, args.raw_seconds, heatmaps=True)
-    print(f"raw runtime after: {raw_after:.1f} images/s", file=sys.stderr, flush=True)
-    raw = (raw_before + raw_after) / 2
-    with_heatmaps = (with_heatmaps_before + with_heatmaps_after) / 2
-    naive = results["configurations"][-1]["jobs_per_s"]
+    raw_after = {name: raw_runtime(jpegs, args.raw_seconds, **how) for name, how in RAW.items()}
+    print(f"raw runtime after: {raw_after} images/s", file=sys.stderr, flush=True)
     results["raw_runtime_images_per_s"] = {
-        "before": round(raw_before, 2),
-        "after": round(raw_after, 2),
-        "mean": round(raw, 2),
-        "what": "LiteRT predict([jpeg]) per scan in one process: decode + resize + model + "
-        "CAM + OOD score",
+        name: {
+            "before": round(raw_before[name], 2),
+            "after": round(raw_after[name], 2),
+            "mean": round((raw_before[name] + raw_after[name]) / 2, 2),
+            "settings": RAW[name],
+        }
+        for name in RAW
     }
-    results["raw_with_heatmaps_images_per_s"] = {
-        "before": round(with_heatmaps_before, 2),
-        "after": round(with_heatmaps_after, 2),
-        "mean": round(with_heatmaps, 2),
-        "what": "the same plus the heatmap overlay PNG each job stores",
-    }
+    results["raw_what"] = (
+        "LiteRT Classifier.predict([jpeg]) per scan in one process: decode + resize + model + "
+        "CAM + OOD score"
+    )
+    raw = max(entry["mean"] for entry in results["raw_runtime_images_per_s"].values())
+    one_stream = results["raw_runtime_images_per_s"]["one stream"]["mean"]
+    naive = results["configurations"][-1]["jobs_per_s"]
     for row in results["configurations"]:
         row["efficiency_vs_raw"] = round(row["jobs_per_s"] / raw, 3)
-        row["efficiency_vs_raw_with_heatmaps"] = round(row["jobs_per_s"] / with_heatmaps, 3)
+        row["efficiency_vs_raw_one_stream"] = round(row["jobs_per_s"] / one_stream, 3)
         row["speed_up_vs_naive"] = round(row["jobs_per_s"] / naive, 2)
     return results
 
 
 # The naive worker: Keras model.predict, one job per task (no batches).
 NAIVE = {"MODEL_RUNTIME": "keras_predict", "CELERY_WORKER_CONCURRENCY": 1, "CLASSIFY_BATCH_SIZE": 1}
-# Each: (name, environment of the worker). Batch size, I/O threads, concurrency and LiteRT
-# threads are the knobs that matter on a 2-core node; the first is the shipped default.
+# Each: (name, environment of the worker). Batch size, pipeline threads, interpreters,
+# LiteRT threads and pool concurrency are the knobs that matter on a 2-core node; the first
+# is the shipped default.
 CONFIGURATIONS = [
-    ("litert, batches of 32, prefork -c 1, 2 threads (the defaults)", {}),
-    ("litert, batches of 16", {"CLASSIFY_BATCH_SIZE": 16}),
-    ("litert, batches of 64", {"CLASSIFY_BATCH_SIZE": 64}),
-    ("litert, batches of 32, 4 I/O threads", {"CLASSIFY_IO_THREADS": 4}),
-    ("litert, no batches", {"CLASSIFY_BATCH_SIZE": 1}),
+    ("batches of 32, 3 threads, 2 interpreters of 1 thread (the defaults)", {}),
+    ("batches of 16", {"CLASSIFY_BATCH_SIZE": 16}),
+    ("batches of 64", {"CLASSIFY_BATCH_SIZE": 64}),
+    ("2 threads", {"CLASSIFY_THREADS": 2}),
+    ("4 threads", {"CLASSIFY_THREADS": 4}),
+    ("6 threads", {"CLASSIFY_THREADS": 6}),
+    ("8 threads", {"CLASSIFY_THREADS": 8}),
+    ("1 interpreter of 2 threads", {"ML_INTERPRETERS": 1, "ML_NUM_THREADS": 2}),
+    ("no batches", {"CLASSIFY_BATCH_SIZE": 1}),
     (
-        "litert, batches of 32, prefork -c 2, 1 thread each",
-        {"CELERY_WORKER_CONCURRENCY": 2, "ML_NUM_THREADS": 1},
+        "prefork -c 2, 1 interpreter of 1 thread each",
+        {"CELERY_WORKER_CONCURRENCY": 2, "ML_INTERPRETERS": 1, "ML_NUM_THREADS": 1},
     ),
 ]
 
 
 def markdown(report: dict) -> str:
-    raw, with_heatmaps = (
-        report["raw_runtime_images_per_s"],
-        report["raw_with_heatmaps_images_per_s"],
-    )
+    raw = report["raw_runtime_images_per_s"]
     lines = [
-        f"Raw runtime (same run): {raw['mean']:.1f} images/s ({raw['what']}); "
-        f"{with_heatmaps['mean']:.1f} images/s with heatmaps ({with_heatmaps['what']})",
+        f"Raw runtime (same run; {report['raw_what']}): "
+        + "; ".join(
+            f"{name} ({how['settings']['interpreters']} x {how['settings']['threads']} "
+            f"threads): {how['mean']:.1f} images/s"
+            for name, how in raw.items()
+        ),
+        "Efficiency is against the faster raw figure.",
         "",
-        "| worker | jobs | rejected | jobs/s | efficiency vs raw | vs raw with heatmaps "
-        "| speed-up vs naive | cold start to first result s | peak worker RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| worker (LiteRT, prefork -c 1 unless said) | jobs | rejected | jobs/s "
+        "| efficiency vs raw | vs raw one stream | speed-up vs naive "
+        "| cold start to first result s | peak worker RSS MB | peak worker PSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["configurations"]:
         lines.append(
             f"| {row['worker']} | {row['jobs']} | {row['rejected_as_not_mri']} "
             f"| {row['jobs_per_s']:.1f} | {row['efficiency_vs_raw']:.2f} "
-            f"| {row['efficiency_vs_raw_with_heatmaps']:.2f} | {row['speed_up_vs_naive']:.1f}x "
-            f"| {row['cold_start_to_first_result_s']:.1f} | {row['peak_worker_rss_mb']:.0f} |"
+            f"| {row['efficiency_vs_raw_one_stream']:.2f} | {row['speed_up_vs_naive']:.1f}x "
+            f"| {row['cold_start_to_first_result_s']:.1f} | {row['peak_worker_rss_mb']:.0f} "
+            f"| {row['peak_worker_pss_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -262,15 +299,22 @@ def main():
     parser.add_argument("--raw-seconds", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=300.0, help="per worker run")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "worker"))
+    parser.add_argument(
+        "--only", help="comma-separated indices of the configurations to run (default: all)"
+    )
     parser.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--log-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.configurations = CONFIGURATIONS
+    if args.only:
+        args.configurations = [CONFIGURATIONS[int(i)] for i in args.only.split(",")]
     if args.driver:
         print(json.dumps(driver(args)))
         return
     driver_args = ["-n", str(args.n), "--naive-n", str(args.naive_n)]
     driver_args += ["--raw-seconds", str(args.raw_seconds), "--timeout", str(args.timeout)]
+    if args.only:
+        driver_args += ["--only", args.only]
     run_driver_and_report(
         __file__, driver_args, scratch_prefix="bench-worker-", out=args.out, markdown=markdown
     )

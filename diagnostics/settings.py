@@ -112,7 +112,7 @@ CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 REST_FRAMEWORK = {
     # Token first so an unauthenticated request gets 401 with WWW-Authenticate, not 403.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "diagnostics.api.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     # Every query is scoped to the user's site; role rules are checked by the services,
@@ -192,10 +192,12 @@ CELERY_WORKER_POOL = env.str("CELERY_WORKER_POOL", default="prefork")
 CLASSIFY_MAX_RETRIES = env.int("CLASSIFY_MAX_RETRIES", default=5)
 # A worker takes the jobs waiting for it as one batch: up to CLASSIFY_BATCH_SIZE, or what
 # arrived within CLASSIFY_BATCH_WAIT_MS of the first (bench/results/worker.md measured it).
-# Database writes are per batch; S3 fetches, decoding and heatmaps use CLASSIFY_IO_THREADS.
+# Database writes are per batch; CLASSIFY_THREADS threads per worker process take images
+# from S3 through decoding to the model (one more than the model's LiteRT interpreters, so
+# a fetch is always under way).
 CLASSIFY_BATCH_SIZE = env.int("CLASSIFY_BATCH_SIZE", default=32)
 CLASSIFY_BATCH_WAIT_MS = env.int("CLASSIFY_BATCH_WAIT_MS", default=20)
-CLASSIFY_IO_THREADS = env.int("CLASSIFY_IO_THREADS", default=2)
+CLASSIFY_THREADS = env.int("CLASSIFY_THREADS", default=3)
 # How many times a worker may start on one image before it fails: bounds an input that
 # crashes the model or kills the worker.
 CLASSIFY_MAX_ATTEMPTS = env.int("CLASSIFY_MAX_ATTEMPTS", default=3)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -131,32 +132,66 @@ def _litert_output_indices(interpreter, num_classes: int | None) -> dict[str, in
 
 
 class _LiteRTRunner:
-    def __init__(self, path: Path, threads: int, num_classes: int | None = None):
+    """LiteRT interpreters, each with `threads` threads, shared by the caller's threads.
+
+    One interpreter holds one set of tensors, so a call takes a free one (waiting when all
+    are busy) and gives it back. Several single-threaded interpreters beat one with as many
+    threads: on 2 cores, two interpreters of 1 thread ran 156 images/s from JPEG against
+    119-124 for one of 2 threads, because a batch-1 call parallelises poorly across threads
+    while two calls side by side keep both cores busy (bench/runtime.py, "lanes").
+    """
+
+    def __init__(self, path: Path, threads: int, num_classes: int | None = None, lanes: int = 1):
         from ai_edge_litert.interpreter import Interpreter
 
-        self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        self._outputs = _litert_output_indices(self._interpreter, num_classes)
-        self._batch = None
-        # One interpreter holds one set of tensors: serialise calls from threads.
-        self._lock = threading.Lock()
+        self._lanes = []
+        for _ in range(max(int(lanes), 1)):
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            self._lanes.append(_Lane(interpreter, _litert_output_indices(interpreter, num_classes)))
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        for lane in self._lanes:
+            self._free.put(lane)
+
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return tuple(sorted(self._outputs))
+        return tuple(sorted(self._lanes[0].outputs))
+
+    def warm_up(self, size: int) -> None:
+        """Allocate every interpreter's tensors for batch 1, all at once (not one by one:
+        the worker's cold start)."""
+        blank = np.zeros((1, size, size, 3), np.float32)
+        threads = [threading.Thread(target=lane, args=(blank,)) for lane in self._lanes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        with self._lock:
-            if self._batch != len(batch):
-                self._interpreter.resize_tensor_input(self._input, batch.shape)
-                self._interpreter.allocate_tensors()
-                self._batch = len(batch)
-            self._interpreter.set_tensor(self._input, batch)
-            self._interpreter.invoke()
-            return {
-                name: np.array(self._interpreter.get_tensor(index))
-                for name, index in self._outputs.items()
-            }
+        lane = self._free.get()
+        try:
+            return lane(batch)
+        finally:
+            self._free.put(lane)
+
+
+class _Lane:
+    def __init__(self, interpreter, outputs: dict[str, int]):
+        self.interpreter, self.outputs = interpreter, outputs
+        self.input = interpreter.get_input_details()[0]["index"]
+        self.batch = None
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self.batch != len(batch):
+            self.interpreter.resize_tensor_input(self.input, batch.shape)
+            self.interpreter.allocate_tensors()
+            self.batch = len(batch)
+        self.interpreter.set_tensor(self.input, batch)
+        self.interpreter.invoke()
+        return {name: np.array(self.interpreter.get_tensor(i)) for name, i in self.outputs.items()}
 
 
 class MicroBatcher:
@@ -287,6 +322,11 @@ class Classifier:
     )
 
     @property
+    def parallel_calls(self) -> int:
+        """How many calls may usefully run at once, from as many threads (LiteRT lanes)."""
+        return getattr(self._run, "lanes", 1)
+
+    @property
     def batches_calls(self) -> bool:
         """Whether several images per call pay off: on a GPU (bench/results/gpu.md), not
         with LiteRT on a CPU, which measured fastest per image at batch 1."""
@@ -316,6 +356,9 @@ class Classifier:
     def warm_up(self) -> None:
         """One call on a blank image: allocates the runtime's tensors (and traces the
         graph on TensorFlow), so the first real job does not pay for it."""
+        if isinstance(self._run, _LiteRTRunner):
+            self._run.warm_up(self.input_size)
+            return
         self.run_batch(np.zeros((1, self.input_size, self.input_size, 3), np.float32))
 
     def analyse_batch(self, batch: np.ndarray) -> list[Prediction]:
@@ -383,14 +426,14 @@ def load_classifier(model_dir: str | Path | None = None, runtime: str = "auto") 
     filename = "model.tflite" if runtime == "litert" else "model.keras"
     path = folder / filename
     digest = _verify(path, files)
-    threads = int(os.environ.get("ML_NUM_THREADS", min(4, os.cpu_count() or 1)))
+    lanes, threads = litert_lanes_and_threads()
     class_names = tuple(metadata["class_names"])
     ood_file = (metadata.get("ood") or {}).get("file")
     if ood_file:
         _verify(folder / ood_file, files)
     ood = OODDetector.from_artifact(folder, metadata)
     if runtime == "litert":
-        run = _LiteRTRunner(path, threads, num_classes=len(class_names))
+        run = _LiteRTRunner(path, threads, num_classes=len(class_names), lanes=lanes)
     elif runtime == "tf_gpu":
         run = MicroBatcher(_TFFunctionRunner(path), GPU_MAX_BATCH, GPU_MAX_WAIT_S)
     else:
@@ -408,6 +451,16 @@ def load_classifier(model_dir: str | Path | None = None, runtime: str = "auto") 
         review_threshold=float(metadata.get("review_threshold", 0.0)),
         ood=ood,
     )
+
+
+def litert_lanes_and_threads() -> tuple[int, int]:
+    """LiteRT interpreters per process (ML_INTERPRETERS) and threads per interpreter
+    (ML_NUM_THREADS). Defaults: 2 interpreters (1 on a single core), sharing at most 4
+    cores between them; measured on 2 cores in bench/results/runtime.md ("lanes")."""
+    cores = os.cpu_count() or 1
+    lanes = int(os.environ.get("ML_INTERPRETERS", min(2, cores)))
+    threads = int(os.environ.get("ML_NUM_THREADS", max(min(4, cores) // max(lanes, 1), 1)))
+    return lanes, threads
 
 
 def _verify(path: Path, files: dict) -> str:

@@ -108,7 +108,7 @@ def case_create(
             Image.objects.bulk_create(images)
             audit.case_created(case=case, images=images, actor=user)
             image_ids = [image.id for image in images]
-            transaction.on_commit(lambda: enqueue_images(image_ids))
+            transaction.on_commit(lambda: enqueue_images(image_ids, new_case=case))
     except storage.StorageUnavailable as exc:
         _discard_objects(stored_keys)
         logger.warning("upload refused, object storage unavailable: %s", exc)
@@ -290,11 +290,15 @@ def _discard_objects(keys: list[str]) -> None:
         logger.error("could not delete %d orphaned objects: %s", len(keys), keys)
 
 
-def enqueue_images(image_ids) -> int:
+def enqueue_images(image_ids, *, new_case: Case | None = None) -> int:
     """Send one classification job per image and mark the sent ones queued.
 
     Runs after the commit. An image whose job could not be sent stays `received`;
     it is re-sent later, so it is never lost.
+
+    `new_case`: the images are all of a case this upload just created (all `received`).
+    Once any job is sent that case is `queued`, unless a worker has moved it on already:
+    two guarded updates say so, where any other case's status is derived from its images.
     """
     sent = []
     for image_id in image_ids:
@@ -304,7 +308,26 @@ def enqueue_images(image_ids) -> int:
             logger.exception("could not send the job for image %s; it stays received", image_id)
             break
         sent.append(image_id)
-    if sent:
+    if sent and new_case is not None:
+        # Images before their case, as a worker's claim locks them: no lock cycle.
+        with transaction.atomic():
+            Image.objects.filter(id__in=sent, status=Status.RECEIVED).update(
+                status=Status.QUEUED, queued_at=timezone.now()
+            )
+            if Case.objects.filter(id=new_case.id, status=Status.RECEIVED).update(
+                status=Status.QUEUED
+            ):
+                audit.events_record(
+                    [
+                        audit.case_status_changed(
+                            case_id=new_case.id,
+                            site_id=new_case.site_id,
+                            old=Status.RECEIVED,
+                            new=Status.QUEUED,
+                        )
+                    ]
+                )
+    elif sent:
         with transaction.atomic():
             Image.objects.filter(id__in=sent, status=Status.RECEIVED).update(
                 status=Status.QUEUED, queued_at=timezone.now()

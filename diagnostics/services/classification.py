@@ -3,8 +3,8 @@
 A worker is handed several queued images at once (celery-batches) and pays for the
 database per batch, not per image: one transaction claims them all, one records every
 result, and the statuses of the cases they touch are derived with set-based statements.
-Meanwhile a thread pool fetches the next images from S3 and decodes them while the model
-runs on the current one, and renders the heatmap overlays while the model moves on.
+A thread pool takes the images from S3 through decoding to the model, so fetches overlap
+the model's calls (images_classify).
 
 Every step is guarded, so running a batch twice (a redelivered job, the sweeper's re-send)
 changes nothing: only `received`/`queued` images (or claims abandoned by a dead worker)
@@ -13,12 +13,13 @@ are claimed, and only images this worker holds in `processing` are written.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -172,34 +173,44 @@ class BatchOutcome:
 @dataclass
 class _Work:
     image: ClaimedImage
-    data: bytes | None = None
     pixels: object = None
     result: object = None  # ml.inference.Prediction
     inference_ms: float = 0.0
-    heatmap: Future | None = None
+    # Why the image got no result, when it did not (BatchOutcome.<kind>[id] = cause).
+    problem: tuple[str, str] | None = None
 
 
 _pool_lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
 
 
-def _io_pool() -> ThreadPoolExecutor:
-    """Threads for S3 transfers, decoding and heatmap rendering, made in the process that
-    uses them (a prefork child: threads do not survive a fork)."""
+def _pool() -> ThreadPoolExecutor:
+    """Threads that fetch from S3, decode and run the model, made in the process that uses
+    them (a prefork child: threads do not survive a fork)."""
     with _pool_lock:
         pool = _pools.get(os.getpid())
         if pool is None:
             pool = _pools[os.getpid()] = ThreadPoolExecutor(
-                settings.CLASSIFY_IO_THREADS, thread_name_prefix="classify-io"
+                settings.CLASSIFY_THREADS, thread_name_prefix="classify"
             )
         return pool
 
 
-def _fetch_and_decode(image: ClaimedImage, size: int):
-    from ml.data import decode_image
+def _prepare(image: ClaimedImage, classifier, analyse: bool) -> _Work:
+    """Fetch and decode one image and, when `analyse`, classify it: the pool's part."""
+    from ml.data import UnreadableImage, decode_image
 
-    data = storage.get(image.key)
-    return data, decode_image(data, size)
+    work = _Work(image=image)
+    try:
+        work.pixels = decode_image(storage.get(image.key), classifier.input_size)
+    except storage.StorageUnavailable as exc:
+        work.problem = ("transient", str(exc))
+    except UnreadableImage as exc:
+        work.problem = ("failed", f"the model could not read the image: {exc}")
+    else:
+        if analyse:
+            _analyse(classifier, [work])
+    return work
 
 
 def images_classify(*, image_ids, classifier) -> BatchOutcome:
@@ -209,9 +220,12 @@ def images_classify(*, image_ids, classifier) -> BatchOutcome:
     brain MRI slice is `rejected` with the reason; S3 errors and model errors release it
     for another try (the caller re-sends), a model error only until its attempts are used.
     A database error propagates: nothing of the batch was written, the caller retries.
-    """
-    from ml.data import UnreadableImage
 
+    On a CPU the pool's threads each take an image from S3 to a result, calling the model
+    one image at a time (fastest with LiteRT, which runs as many calls side by side as it
+    has interpreters), so fetching overlaps the model. On a GPU the pool fetches and
+    decodes, and the whole batch is one model call.
+    """
     outcome = BatchOutcome()
     claims = images_claim(image_ids)
     outcome.busy = claims.busy
@@ -221,90 +235,62 @@ def images_classify(*, image_ids, classifier) -> BatchOutcome:
     ]
     if not claims.claimed:
         return outcome
-    pool = _io_pool()
-    size = classifier.input_size
+    pool = _pool()
+    per_image = not classifier.batches_calls
     attempts = {str(image.id): image.attempts for image in claims.claimed}
-    fetches = [(image, pool.submit(_fetch_and_decode, image, size)) for image in claims.claimed]
+    # Each in a copy of this context: a pool thread's log lines carry the job's task id.
+    futures = [
+        pool.submit(contextvars.copy_context().run, _prepare, image, classifier, per_image)
+        for image in claims.claimed
+    ]
     done: list[_Work] = []
     recorded = 0
-    for image, fetch in fetches:
-        key = str(image.id)
-        with case_context(image.case_id):
-            try:
-                data, pixels = fetch.result()
-            except storage.StorageUnavailable as exc:
-                outcome.transient[key] = str(exc)
-                continue
-            except UnreadableImage as exc:
-                outcome.failed[key] = f"the model could not read the image: {exc}"
-                continue
-            work = _Work(image=image, data=data, pixels=pixels)
-            done.append(work)
-            if not classifier.batches_calls:
-                # CPU runtimes: one image per call is fastest, and overlaps the fetches;
-                # its heatmap renders on the pool while the model runs the next one.
-                _analyse(classifier, [work], outcome)
-                _heatmap_submit(pool, work)
-        if recorded == 0 and len(done) == FIRST_RESULTS and not classifier.batches_calls:
-            # The batch's first results go out before the rest are computed: a worker
-            # that just started (or a batch of a case's slices) shows results sooner.
-            _record(done, attempts, classifier, BatchOutcome(), into=outcome)
+    for future in futures:
+        work = future.result()
+        if work.problem is not None:
+            kind, cause = work.problem
+            getattr(outcome, kind)[str(work.image.id)] = cause
+            continue
+        done.append(work)
+        if per_image and len(done) - recorded >= RECORD_EVERY:
+            # Record results as they come, while the pool computes the next ones: the
+            # database work overlaps the model, and the first results show sooner (a
+            # worker that just started, a case's slices). Only the last few wait.
+            _record(done[recorded:], attempts, classifier, BatchOutcome(), into=outcome)
             recorded = len(done)
-    if classifier.batches_calls:
-        _analyse(classifier, [w for w in done if w.result is None], outcome)
+    if not per_image:
+        _analyse(classifier, done)
         for work in done:
-            _heatmap_submit(pool, work)
+            if work.problem is not None:
+                kind, cause = work.problem
+                getattr(outcome, kind)[str(work.image.id)] = cause
+        done = [work for work in done if work.result is not None]
     _record(done[recorded:], attempts, classifier, outcome, into=outcome)
     return outcome
 
 
-# How many results of a batch are recorded before the rest are computed (CPU runtimes).
-FIRST_RESULTS = 8
-
-
-def _heatmap_submit(pool: ThreadPoolExecutor, work: _Work) -> None:
-    result = work.result
-    if result is not None and not result.rejected and result.heatmap is not None:
-        work.heatmap = pool.submit(
-            heatmaps.heatmap_overlay_store,
-            image_id=work.image.id,
-            case_id=work.image.case_id,
-            image_bytes=work.data,
-            heatmap=result.heatmap,
-            pixels=work.pixels,
-        )
+# On a CPU, a batch's results are recorded this many at a time, as they come.
+RECORD_EVERY = 8
 
 
 def _record(
     works: list[_Work], attempts: dict, classifier, outcome: BatchOutcome, *, into: BatchOutcome
 ) -> None:
-    """Wait for the works' heatmaps, then record them with what `outcome` holds (the
-    batch's failures, on its last call); results are merged into `into`."""
-    accepted = [w for w in works if w.result is not None]
-    heatmap_keys = {}
-    for work in accepted:
-        key = str(work.image.id)
+    """Record the works' results with what `outcome` holds (the batch's failures, on its
+    last call); results are merged into `into`."""
+    for work in works:
         if work.result.rejected:
-            outcome.rejected[key] = work.result.rejection_reason
-        elif work.heatmap is not None:
-            try:
-                heatmap_keys[key] = work.heatmap.result()
-            except storage.StorageUnavailable as exc:
-                outcome.transient[key] = str(exc)
-    results_record(
-        works=[w for w in accepted if str(w.image.id) not in outcome.transient],
-        attempts=attempts,
-        heatmap_keys=heatmap_keys,
-        classifier=classifier,
-        outcome=outcome,
-    )
+            outcome.rejected[str(work.image.id)] = work.result.rejection_reason
+    results_record(works=works, attempts=attempts, classifier=classifier, outcome=outcome)
     if outcome is not into:
         into.predictions |= outcome.predictions
         into.rejected |= outcome.rejected
-        into.transient |= outcome.transient
 
 
-def _analyse(classifier, works: list[_Work], outcome: BatchOutcome) -> None:
+def _analyse(classifier, works: list[_Work]) -> None:
+    """Classify the works' pixels in one call, setting each one's result, or its problem
+    when the model raised (a batch that raised is run one image at a time, so one bad input
+    does not fail the others)."""
     import numpy as np
 
     if not works:
@@ -314,23 +300,21 @@ def _analyse(classifier, works: list[_Work], outcome: BatchOutcome) -> None:
         results = classifier.analyse_batch(np.stack([work.pixels for work in works]))
     except Exception as exc:  # noqa: BLE001  (the model's error, whatever it is)
         if len(works) > 1:
-            # One input may be the culprit: run each alone, so the others still finish.
             for work in works:
-                _analyse(classifier, [work], outcome)
+                _analyse(classifier, [work])
             return
         with case_context(works[0].image.case_id):
             logger.exception("classifying image %s failed", works[0].image.id)
-        outcome.model_errors[str(works[0].image.id)] = (
-            f"classification error: {type(exc).__name__}: {exc}"
-        )
+        works[0].problem = ("model_errors", f"classification error: {type(exc).__name__}: {exc}")
         return
     elapsed_ms = (time.perf_counter() - started) * 1000 / len(works)
     for work, result in zip(works, results, strict=True):
         work.result, work.inference_ms = result, elapsed_ms
+        work.pixels = None  # not needed any more: a batch holds less memory
 
 
 def results_record(
-    *, works: list[_Work], attempts: dict, heatmap_keys: dict, classifier, outcome: BatchOutcome
+    *, works: list[_Work], attempts: dict, classifier, outcome: BatchOutcome
 ) -> None:
     """Write a batch's results in one transaction: predictions, finished and released
     images, their audit events, and the statuses of their cases. Only images still
@@ -351,7 +335,7 @@ def results_record(
         cases = cases_lock(set(case_of.values()))
         now = timezone.now()
         predictions = [
-            _prediction_new(work, classifier, heatmap_keys.get(str(work.image.id), ""), now)
+            _prediction_new(work, classifier, now)
             for work in works
             if str(work.image.id) in held and not work.result.rejected
         ]
@@ -399,7 +383,7 @@ def results_record(
             )
 
 
-def _prediction_new(work: _Work, classifier, heatmap_key: str, now) -> Prediction:
+def _prediction_new(work: _Work, classifier, now) -> Prediction:
     result = work.result
     return Prediction(
         image_id=work.image.id,
@@ -407,8 +391,8 @@ def _prediction_new(work: _Work, classifier, heatmap_key: str, now) -> Predictio
         probabilities=result.probabilities,
         needs_review=result.needs_review,
         ood_score=_finite(result.ood_score),
+        # The overlay PNG is rendered when first asked for (services.heatmaps).
         heatmap=heatmaps.heatmap_grid(result.heatmap),
-        heatmap_key=heatmap_key,
         model_name=classifier.name,
         model_version=classifier.version,
         model_sha256=classifier.sha256,

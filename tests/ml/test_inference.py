@@ -153,3 +153,46 @@ def test_export_drops_the_optimizer_state(tmp_path):
         archive.extract("model.weights.h5", tmp_path)
     with h5py.File(tmp_path / "model.weights.h5") as weights:
         assert "optimizer" not in weights
+
+
+def test_litert_interpreters_run_side_by_side_with_the_same_outputs(artifact, scans, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("ML_INTERPRETERS", "2")
+    monkeypatch.setenv("ML_NUM_THREADS", "1")
+    parallel = load_classifier(artifact, "litert")
+    monkeypatch.setenv("ML_INTERPRETERS", "1")
+    single = load_classifier(artifact, "litert")
+    parallel.warm_up()
+    decoded = decode_batch(scans, parallel.input_size)
+
+    with ThreadPoolExecutor(4) as pool:
+        side_by_side = list(pool.map(lambda row: parallel.run_batch(row[np.newaxis]), decoded))
+
+    assert (parallel.parallel_calls, single.parallel_calls) == (2, 1)
+    for row, outputs in zip(decoded, side_by_side, strict=True):
+        expected = single.run_batch(row[np.newaxis])
+        assert outputs.keys() == expected.keys()
+        for name in expected:
+            np.testing.assert_allclose(outputs[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("cores", "env", "expected"),
+    [
+        (2, {}, (2, 1)),
+        (1, {}, (1, 1)),
+        (16, {}, (2, 2)),
+        (2, {"ML_INTERPRETERS": "1"}, (1, 2)),
+        (16, {"ML_INTERPRETERS": "4", "ML_NUM_THREADS": "3"}, (4, 3)),
+    ],
+)
+def test_litert_interpreters_and_threads_default_to_the_cores(monkeypatch, cores, env, expected):
+    from ml import inference
+
+    monkeypatch.delenv("ML_INTERPRETERS", raising=False)
+    monkeypatch.delenv("ML_NUM_THREADS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(inference.os, "cpu_count", lambda: cores)
+    assert inference.litert_lanes_and_threads() == expected

@@ -141,12 +141,13 @@ def test_database_round_trips_are_per_batch_not_per_image():
         return len(queries)
 
     assert queries_for(1) == queries_for(8) == 19
-    # Above the first 8 results (recorded before the rest are computed), one more record
-    # transaction, whatever the rest's size.
-    assert queries_for(9) == queries_for(32) == 19 + 11
+    # Results are recorded 8 at a time as they come (the last ones together): one more
+    # record transaction per 8 results.
+    assert queries_for(9) == queries_for(16) == 19 + 11
+    assert queries_for(32) == 19 + 3 * 11
 
 
-def test_a_prediction_keeps_the_flags_and_the_heatmap_overlay_in_s3():
+def test_a_prediction_keeps_the_flags_and_the_heatmap_grid():
     [image] = _uploaded()
     heatmap = np.zeros((7, 7), np.float32)
     heatmap[2, 3] = 1.0
@@ -161,8 +162,9 @@ def test_a_prediction_keeps_the_flags_and_the_heatmap_overlay_in_s3():
         12.5,
     )
     assert prediction.heatmap[2][3] == 1.0 and prediction.heatmap[0][0] == 0.0
-    assert prediction.heatmap_key == services.heatmap_key_for(image)
-    assert storage.get(prediction.heatmap_key).startswith(b"\x89PNG")
+    # The worker stores no overlay: it is rendered from the grid when first asked for.
+    assert prediction.heatmap_key == ""
+    assert not storage.exists(services.heatmap_key_for(image))
 
 
 def test_an_image_that_is_not_a_brain_mri_is_rejected_without_a_label():
