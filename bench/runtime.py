@@ -174,7 +174,8 @@ def child(spec: str, batches: list[int], seconds: float, baseline: str | None = 
     # input-size trade-off. Accuracy at another size needs a model trained at that size.
     spec, _, other_size = spec.partition("@")
     size = int(other_size) if other_size else size
-    streams = int(spec.partition("x")[2] or 1)  # one calling thread per interpreter
+    # "litert:1x2": one calling thread per interpreter.
+    streams = int(spec.partition(":")[2].partition("x")[2] or 1)
     jpegs = [mri_like_jpeg(index) for index in range(max(batches))]
     run = make_runner(spec, model_dir)
     loaded_s = time.perf_counter() - PROCESS_STARTED

@@ -60,3 +60,13 @@ def test_more_bytes_than_the_limit_is_refused(settings):
     with pytest.raises(UploadTooLarge) as refused:
         check_image(image_bytes(64, 64), "x.jpg")
     assert refused.value.detail.endswith("bytes; the limit is 100 bytes")
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.9, 0.99])
+def test_a_jpeg_cut_anywhere_in_its_pixel_data_is_refused(kept):
+    # Uploads decode a JPEG at reduced scale; every block is still read, so a file that
+    # ends early is refused whatever part of the image it loses.
+    data = image_bytes(512, 512, seed=3)
+    with pytest.raises(InvalidUpload) as refused:
+        check_image(data[: int(len(data) * kept)], "cut.jpg")
+    assert refused.value.detail.startswith("'cut.jpg' could not be decoded: ")
