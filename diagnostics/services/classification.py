@@ -201,15 +201,16 @@ def _prepare(image: ClaimedImage, classifier, analyse: bool) -> _Work:
     from ml.data import UnreadableImage, decode_image
 
     work = _Work(image=image)
-    try:
-        work.pixels = decode_image(storage.get(image.key), classifier.input_size)
-    except storage.StorageUnavailable as exc:
-        work.problem = ("transient", str(exc))
-    except UnreadableImage as exc:
-        work.problem = ("failed", f"the model could not read the image: {exc}")
-    else:
-        if analyse:
-            _analyse(classifier, [work])
+    with case_context(image.case_id):
+        try:
+            work.pixels = decode_image(storage.get(image.key), classifier.input_size)
+        except storage.StorageUnavailable as exc:
+            work.problem = ("transient", str(exc))
+        except UnreadableImage as exc:
+            work.problem = ("failed", f"the model could not read the image: {exc}")
+        else:
+            if analyse:
+                _analyse(classifier, [work])
     return work
 
 
