@@ -79,29 +79,16 @@ def _tree_memory_mb(pid: int) -> tuple[float, float]:
 def raw_runtime(jpegs: list[bytes], seconds: float, *, interpreters: int, threads: int) -> float:
     """Images/s of Classifier.predict([jpeg]) in this process (decode, resize, model, CAM
     and OOD score), from one calling thread per LiteRT interpreter."""
-    import threading
+    import itertools
 
+    from bench.runtime import throughput
     from ml.inference import load_classifier
 
     os.environ |= {"ML_INTERPRETERS": str(interpreters), "ML_NUM_THREADS": str(threads)}
     classifier = load_classifier(runtime="litert")
     classifier.warm_up()
-    for jpeg in jpegs[:interpreters]:
-        classifier.predict([jpeg])
-    counts = [0] * interpreters
-    started = time.perf_counter()
-
-    def stream(index: int) -> None:
-        while counts[index] < 10 or time.perf_counter() - started < seconds:
-            classifier.predict([jpegs[(counts[index] * interpreters + index) % len(jpegs)]])
-            counts[index] += 1
-
-    streams = [threading.Thread(target=stream, args=(i,)) for i in range(interpreters)]
-    for thread in streams:
-        thread.start()
-    for thread in streams:
-        thread.join()
-    return sum(counts) / (time.perf_counter() - started)
+    scans = itertools.cycle(jpegs)  # next() on a cycle is safe from several threads
+    return throughput(classifier.predict, lambda: [next(scans)], 1, seconds, interpreters)
 
 
 # The raw runtime two ways: one interpreter of 2 threads called from one thread (the
