@@ -40,6 +40,9 @@ INSTALLED_APPS = [
     "diagnostics",
 ]
 
+# Django's permission rules, with a user's permissions read in one query (diagnostics.backends).
+AUTHENTICATION_BACKENDS = ["diagnostics.backends.OneQueryModelBackend"]
+
 MIDDLEWARE = [
     # /healthz, /readyz and /metrics answer before host checks and HTTPS redirects, so
     # probes and Prometheus can reach a container by its internal address.

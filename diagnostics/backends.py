@@ -1,0 +1,26 @@
+"""Authentication backends."""
+
+from django.contrib.auth.backends import ModelBackend
+from django.contrib.auth.models import Permission
+from django.db.models import Q
+
+
+class OneQueryModelBackend(ModelBackend):
+    """Django's ModelBackend, reading a user's permissions (their own and their roles',
+    which are groups) in one query instead of two. Every upload and every review checks a
+    permission, so this is one round trip less per request; the answers are the same."""
+
+    def get_all_permissions(self, user_obj, obj=None):
+        if not user_obj.is_active or user_obj.is_anonymous or obj is not None:
+            return set()
+        if not hasattr(user_obj, "_perm_cache"):
+            permissions = Permission.objects.all()
+            if not user_obj.is_superuser:
+                permissions = permissions.filter(Q(user=user_obj) | Q(group__user=user_obj))
+            user_obj._perm_cache = {
+                f"{app_label}.{codename}"
+                for app_label, codename in permissions.values_list(
+                    "content_type__app_label", "codename"
+                ).distinct()
+            }
+        return user_obj._perm_cache
