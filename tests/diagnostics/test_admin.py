@@ -132,9 +132,9 @@ def test_the_list_runs_a_fixed_number_of_queries_however_many_cases(client, radi
         ImageFactory(case=case, status=Status.FAILED)
     many = page_queries()
 
-    # session, user, the user's permissions (2), COUNT(*), the page of cases with every column
-    assert few == (6, 1)
-    assert many == (6, 21)
+    # session, user, the user's permissions (1), COUNT(*), the page of cases with every column
+    assert few == (5, 1)
+    assert many == (5, 21)
 
 
 def test_the_case_page_shows_every_slice_its_probabilities_model_and_the_form(client, radiologist):
