@@ -33,7 +33,6 @@ class CaseListCreateApi(APIView):
             reference=data.validated_data["reference"],
             idempotency_key=request.headers.get("Idempotency-Key", "")[:255],
         )
-        case = selectors.case_get(user=request.user, case_id=case.id)
         body = CaseOutput(case, context={"request": request}).data
         # 202: accepted for processing; 200: this upload was seen before, here is its case.
         return Response(

@@ -10,7 +10,7 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from diagnostics import jobs, storage
+from diagnostics import jobs, selectors, storage
 from diagnostics.errors import Conflict, Forbidden, InvalidUpload, ServiceUnavailable
 from diagnostics.models import (
     Case,
@@ -51,7 +51,7 @@ def case_create(
     *, user, uploads: list[tuple[str, bytes]], reference: str = "", idempotency_key: str = ""
 ) -> tuple[Case, bool]:
     """Store every slice in S3, then commit the case and its images in one transaction.
-    Returns the case and whether it is new.
+    Returns the case, with its images and their predictions loaded, and whether it is new.
 
     All files are decoded before anything is stored, so one bad file rejects the whole
     request with nothing kept. If S3 or the database fails half way, the objects already
@@ -83,11 +83,12 @@ def case_create(
     content_sha256 = hashlib.sha256("".join(sorted(c.sha256 for c in checked)).encode()).hexdigest()
     existing = _case_duplicate(site, idempotency_key, content_sha256)
     if existing is not None:
-        return existing, False
+        return _as_stored(user, existing), False
     if study_uid:
         study_case = Case.objects.filter(site=site, study_uid=study_uid).first()
         if study_case is not None:
-            return _study_slices_add(study_case, checked, user=user)
+            study_case, added = _study_slices_add(study_case, checked, user=user)
+            return _as_stored(user, study_case), added
 
     case = Case(
         id=uuid.uuid4(),
@@ -107,8 +108,9 @@ def case_create(
             case.save(force_insert=True)
             Image.objects.bulk_create(images)
             audit.case_created(case=case, images=images, actor=user)
-            image_ids = [image.id for image in images]
-            transaction.on_commit(lambda: enqueue_images(image_ids, new_case=case))
+            # Whether `case` and `images` still say what is stored once the jobs are sent.
+            as_stored: list[bool] = []
+            transaction.on_commit(lambda: as_stored.append(_new_case_enqueue(case, images)))
     except storage.StorageUnavailable as exc:
         _discard_objects(stored_keys)
         logger.warning("upload refused, object storage unavailable: %s", exc)
@@ -120,19 +122,40 @@ def case_create(
         _discard_objects(stored_keys)
         existing = _case_duplicate(site, idempotency_key, content_sha256)
         if existing is not None:
-            return existing, False
+            return _as_stored(user, existing), False
         # Another upload of the same DICOM study created its case first: join it.
         study_case = study_uid and Case.objects.filter(site=site, study_uid=study_uid).first()
         if not study_case:
             raise
-        return _study_slices_add(study_case, checked, user=user)
+        study_case, added = _study_slices_add(study_case, checked, user=user)
+        return _as_stored(user, study_case), added
     except DatabaseError as exc:
         _discard_objects(stored_keys)
         logger.warning("upload refused, database unavailable: %s", exc)
         raise ServiceUnavailable(
             "the database is unavailable; nothing was stored, retry later"
         ) from exc
-    return case, True
+    if as_stored == [False]:
+        return _as_stored(user, case), True
+    return _with_images_loaded(case, images), True
+
+
+def _with_images_loaded(case: Case, images: list[Image]) -> Case:
+    """The new case with its images loaded as written, none with a prediction yet: what
+    prefetch_related("images") and select_related("prediction") leave on a case read from
+    the database (Django's own prefetch sets the same caches). The upload answers with it
+    instead of reading back what it just wrote (two queries per upload)."""
+    for image in images:
+        Image.prediction.related.set_cached_value(image, None)
+    loaded = case.images.all()
+    loaded._result_cache, loaded._prefetch_done = images, True
+    case._prefetched_objects_cache = {"images": loaded}
+    return case
+
+
+def _as_stored(user, case: Case) -> Case:
+    """An existing case as the API answers with it: its images and predictions loaded."""
+    return selectors.case_get(user=user, case_id=case.id)
 
 
 def _pseudonym_scope(site: Site) -> str:
@@ -290,16 +313,9 @@ def _discard_objects(keys: list[str]) -> None:
         logger.error("could not delete %d orphaned objects: %s", len(keys), keys)
 
 
-def enqueue_images(image_ids, *, new_case: Case | None = None) -> int:
-    """Send one classification job per image and mark the sent ones queued.
-
-    Runs after the commit. An image whose job could not be sent stays `received`;
-    it is re-sent later, so it is never lost.
-
-    `new_case`: the images are all of a case this upload just created (all `received`).
-    Once any job is sent that case is `queued`, unless a worker has moved it on already:
-    two guarded updates say so, where any other case's status is derived from its images.
-    """
+def _send_jobs(image_ids) -> list:
+    """Send one classification job per image, in order, until one cannot be sent; the ids
+    sent. An image whose job was not sent stays `received` and is re-sent later."""
     sent = []
     for image_id in image_ids:
         try:
@@ -308,26 +324,52 @@ def enqueue_images(image_ids, *, new_case: Case | None = None) -> int:
             logger.exception("could not send the job for image %s; it stays received", image_id)
             break
         sent.append(image_id)
-    if sent and new_case is not None:
-        # Images before their case, as a worker's claim locks them: no lock cycle.
-        with transaction.atomic():
-            Image.objects.filter(id__in=sent, status=Status.RECEIVED).update(
-                status=Status.QUEUED, queued_at=timezone.now()
+    return sent
+
+
+def _new_case_enqueue(case: Case, images: list[Image]) -> bool:
+    """Send the jobs of a case this upload just created (all its images `received`), after
+    the commit. Once any job is sent the case is `queued`: two guarded updates say so, and
+    the same is set on `case` and `images`, which the upload answers with. False when a
+    worker had moved an image or the case on already (they no longer say what is stored)."""
+    sent = set(_send_jobs([image.id for image in images]))
+    if not sent:
+        return True
+    now = timezone.now()
+    # Images before their case, as a worker's claim locks them: no lock cycle.
+    with transaction.atomic():
+        queued = Image.objects.filter(id__in=sent, status=Status.RECEIVED).update(
+            status=Status.QUEUED, queued_at=now
+        )
+        case_queued = Case.objects.filter(id=case.id, status=Status.RECEIVED).update(
+            status=Status.QUEUED
+        )
+        if case_queued:
+            audit.events_record(
+                [
+                    audit.case_status_changed(
+                        case_id=case.id,
+                        site_id=case.site_id,
+                        old=Status.RECEIVED,
+                        new=Status.QUEUED,
+                    )
+                ]
             )
-            if Case.objects.filter(id=new_case.id, status=Status.RECEIVED).update(
-                status=Status.QUEUED
-            ):
-                audit.events_record(
-                    [
-                        audit.case_status_changed(
-                            case_id=new_case.id,
-                            site_id=new_case.site_id,
-                            old=Status.RECEIVED,
-                            new=Status.QUEUED,
-                        )
-                    ]
-                )
-    elif sent:
+    if queued != len(sent) or not case_queued:
+        return False
+    case.status = Status.QUEUED
+    for image in images:
+        if image.id in sent:
+            image.status, image.queued_at = Status.QUEUED, now
+    return True
+
+
+def enqueue_images(image_ids) -> int:
+    """Send one classification job per image and mark the sent ones queued (their cases'
+    statuses derived again). Runs after the commit. An image whose job could not be sent
+    stays `received`; it is re-sent later, so it is never lost."""
+    sent = _send_jobs(image_ids)
+    if sent:
         with transaction.atomic():
             Image.objects.filter(id__in=sent, status=Status.RECEIVED).update(
                 status=Status.QUEUED, queued_at=timezone.now()

@@ -3,6 +3,8 @@ from datetime import timedelta
 
 import pytest
 from django.conf import settings
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from diagnostics import jobs, services, storage
@@ -61,6 +63,30 @@ def test_jobs_are_sent_after_commit_and_images_become_queued(broker):
     assert broker.llen("classify") == 2
     assert set(case.images.values_list("status", flat=True)) == {Status.QUEUED}
     assert Case.objects.get(id=case.id).status == Status.QUEUED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_new_case_is_answered_as_written_without_reading_it_back(broker):
+    uploads = [("a.jpg", image_bytes(seed=1)), ("b.jpg", image_bytes(seed=2))]
+    case, created = services.case_create(user=UserFactory(), uploads=uploads)
+    with CaptureQueriesContext(connection) as reads:
+        images = case.images.all()
+        answered = [(i.status, i.queued_at, getattr(i, "prediction", None)) for i in images]
+    assert len(reads) == 0
+    assert created and case.status == Status.QUEUED == Case.objects.get(id=case.id).status
+    stored = case.images.order_by("position").values_list("status", "queued_at")
+    assert answered == [(status, queued_at, None) for status, queued_at in stored]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_new_case_a_worker_moved_on_first_is_answered_as_stored(monkeypatch):
+    def sent_and_claimed_at_once(image_id):
+        Image.objects.filter(id=image_id).update(status=Status.PROCESSING)
+
+    monkeypatch.setattr(jobs, "send_classify", sent_and_claimed_at_once)
+    case, created = services.case_create(user=UserFactory(), uploads=[("a.jpg", image_bytes())])
+    assert created
+    assert [image.status for image in case.images.all()] == [Status.PROCESSING]
 
 
 def test_enqueue_leaves_images_received_when_the_broker_is_down(monkeypatch):
