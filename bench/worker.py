@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -307,6 +308,16 @@ def main():
     )
 
 
+# What docker-compose.yml runs with: DEBUG off (Django's debug cursor times, formats and
+# keeps every SQL statement, which cost the API and the worker CPU per job), and the
+# secrets that production requires then (throwaway values: the bench's data is deleted).
+PRODUCTION_SETTINGS = {
+    "DJANGO_DEBUG": "false",
+    "DJANGO_SECRET_KEY": secrets.token_urlsafe(32),
+    "DICOM_PSEUDONYM_KEY": secrets.token_urlsafe(32),
+}
+
+
 def run_driver_and_report(script, driver_args, *, scratch_prefix, out, markdown) -> None:
     """Run `script --driver ...` with any service not configured started for it (a
     throwaway folder), then write its report as JSON and a markdown table and print it."""
@@ -319,6 +330,7 @@ def run_driver_and_report(script, driver_args, *, scratch_prefix, out, markdown)
         with contextlib.ExitStack() as running:
             env = start_missing_services(Path(scratch), running)
             env |= {"DJANGO_SETTINGS_MODULE": "diagnostics.settings", "S3_BUCKET": "bench"}
+            env |= PRODUCTION_SETTINGS
             command = [sys.executable, script, "--driver", *driver_args, "--log-dir", scratch]
             done = subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
             if done.returncode != 0:
