@@ -33,9 +33,9 @@ def s3_down(settings):
         probe.bind(("127.0.0.1", 0))
         dead_port = probe.getsockname()[1]
     settings.S3_ENDPOINT_URL = f"http://127.0.0.1:{dead_port}"
-    storage._client.cache_clear()
+    storage.clients_forget()
     yield
-    storage._client.cache_clear()
+    storage.clients_forget()
 
 
 @pytest.fixture

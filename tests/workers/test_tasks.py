@@ -244,3 +244,15 @@ def test_database_down_sends_the_whole_batch_again_with_backoff(
     assert job["headers"]["argsrepr"] == f"['{uploaded_image.id}']"
     assert job["headers"]["kwargsrepr"] == "{'retries': 3}"
     assert job["headers"]["eta"] is not None
+
+
+def test_a_pool_process_makes_its_s3_client_before_taking_jobs(monkeypatch, tiny_classifier):
+    from diagnostics import storage
+
+    monkeypatch.setattr(tasks, "classifier", lambda: tiny_classifier)
+    storage.clients_forget()
+
+    tasks._prepare_before_taking_jobs()
+
+    assert storage._new_client.cache_info().currsize == 1
+    assert storage._http.cache_info().currsize == 1
