@@ -1,18 +1,22 @@
 """Validate an uploaded slice by decoding it (Pillow, or pydicom for DICOM files); the file
 name and the declared content type are never trusted."""
 
+from __future__ import annotations
+
 import hashlib
 import warnings
 from dataclasses import dataclass
 from io import BytesIO
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
-from diagnostics import dicom
-from diagnostics.dicom import DicomSlice
 from diagnostics.errors import InvalidUpload, UploadTooLarge
+
+if TYPE_CHECKING:
+    from diagnostics.dicom import DicomSlice
 
 # Formats the model's loader decodes the same way as here.
 ACCEPTED_FORMATS = {"JPEG", "PNG", "BMP", "TIFF", "WEBP"}
@@ -42,6 +46,11 @@ def check_image(data: bytes, original_name: str, *, pseudonym_scope: str = "") -
         raise UploadTooLarge(
             f"{label} is {len(data)} bytes; the limit is {settings.MAX_IMAGE_BYTES} bytes"
         )
+    # Imported on first use: pydicom and its codecs take 0.2 s to import, which would slow
+    # the cold start of every worker (they never read an upload); web processes import it
+    # when they start (diagnostics.wsgi).
+    from diagnostics import dicom
+
     if dicom.is_dicom(data):
         return _checked_dicom(data, label=label, pseudonym_scope=pseudonym_scope)
     try:
@@ -92,6 +101,8 @@ def check_image(data: bytes, original_name: str, *, pseudonym_scope: str = "") -
 
 
 def _checked_dicom(data: bytes, *, label: str, pseudonym_scope: str) -> CheckedImage:
+    from diagnostics import dicom
+
     slice_ = dicom.read_slice(data, label=label, pseudonym_scope=pseudonym_scope)
     return CheckedImage(
         data=slice_.data,

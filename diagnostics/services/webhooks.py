@@ -20,7 +20,6 @@ import secrets
 import time
 from datetime import timedelta
 
-import requests
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
@@ -255,6 +254,10 @@ def webhook_deliver(delivery_id) -> str:
         DELIVERY_HEADER: str(delivery.id),
         SIGNATURE_HEADER: signature_header(webhook.secret, timestamp, body),
     }
+    # Imported on first use: requests (with charset_normalizer) takes 0.1 s to import, which
+    # every worker's cold start would pay, the classifying ones included.
+    import requests
+
     response_status, error = None, ""
     try:
         # No redirects: the registered URL is the only place the payload may go.

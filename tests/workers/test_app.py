@@ -41,3 +41,15 @@ def test_the_sweeper_is_scheduled():
     entry = app.conf.beat_schedule["resend-stuck-images"]
     assert entry["task"] == "workers.tasks.resend_stuck_images"
     assert entry["schedule"] == settings.SWEEP_INTERVAL_S
+
+
+def test_a_worker_does_not_import_what_only_uploads_and_webhook_deliveries_need():
+    # Each is a tenth of a second or more of every worker's cold start (bench/worker.py).
+    code = (
+        "import sys, workers.app, workers.tasks, workers.webhooks, workers.logs, workers.health; "
+        "print(sorted(m for m in ('pydicom', 'requests') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
