@@ -35,6 +35,10 @@ COPY --chown=app:app . /app
 # The admin's static files, served by whitenoise from gunicorn.
 RUN DJANGO_SECRET_KEY=collectstatic-only DJANGO_DEBUG=false S3_ACCESS_KEY_ID=- \
     S3_SECRET_ACCESS_KEY=- DICOM_PSEUDONYM_KEY=- python manage.py collectstatic --noinput -v0
+# PYTHONDONTWRITEBYTECODE keeps processes from writing into /app, so the project's modules
+# are compiled here, once: else every process compiles them again when it starts (0.1 s of
+# a worker's cold start).
+RUN python -m compileall -q diagnostics workers ml
 USER app
 
 FROM runtime AS gpu

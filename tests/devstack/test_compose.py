@@ -237,3 +237,12 @@ def test_the_grafana_dashboard_charts_metrics_the_code_exports():
     for name in charted:
         assert f'"{name}"' in source, name
     assert "django_http_requests_latency_seconds_by_view_method_bucket" in queries
+
+
+def test_the_image_holds_the_project_compiled():
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
+    [packages] = re.findall(r"^RUN python -m compileall -q (.+)$", dockerfile, re.MULTILINE)
+    compiled = set(packages.split())
+    # What the web, worker and beat services import; a package renamed would start slower.
+    assert {"diagnostics", "workers", "ml"} <= compiled
+    assert all((PROJECT_ROOT / package / "__init__.py").is_file() for package in compiled)
