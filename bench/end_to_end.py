@@ -85,9 +85,17 @@ def offered_load(url: str, token: str, rate: float, seconds: float, drain_s: flo
         )
         for index, scan in enumerate(real_scans(count, salt=seed))
     ]
-    http = urllib3.PoolManager(maxsize=64, retries=False, timeout=60)
+    # One retry when a connection fails before an answer: the server may close a kept-alive
+    # connection just as the client reuses it (gunicorn's keep-alive is 2 s), which a real
+    # client survives the same way. A retry of an upload the server did take makes no
+    # second case: the same bytes at the same site answer 200 with the first one.
+    retry = urllib3.Retry(
+        total=1, allowed_methods=None, status_forcelist=(), redirect=False, raise_on_status=False
+    )
+    http = urllib3.PoolManager(maxsize=64, retries=retry, timeout=60)
     sent: dict[int, tuple[float, str | None, float]] = {}
     refused: collections.Counter = collections.Counter()  # what the uploads not accepted got
+    retried: collections.Counter = collections.Counter()  # why an upload was sent twice
 
     def upload(index: int):
         body, content_type = bodies[index]
@@ -106,7 +114,9 @@ def offered_load(url: str, token: str, rate: float, seconds: float, drain_s: flo
                     "X-Forwarded-Proto": "https",
                 },
             )
-            if response.status == 202:
+            for attempt in response.retries.history:
+                retried[type(attempt.error).__name__] += 1
+            if response.status in (200, 202):
                 case_id = response.headers["Location"].rstrip("/").rsplit("/", 1)[1]
             else:
                 refused[f"{response.status} {response.data[:200].decode(errors='replace')}"] += 1
@@ -145,6 +155,7 @@ def offered_load(url: str, token: str, rate: float, seconds: float, drain_s: flo
         "uploads": count,
         "accepted": len(case_ids),
         "refused": dict(refused),
+        "retried": dict(retried),
         "done": done,
         "lost_or_failed": count - done,
         "completed_per_s": round(done / (last_done - min(s for s, _, _ in sent.values())), 2),
