@@ -4,6 +4,11 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "diagnostics.settings")
+# Celery's Django fixup runs Django's system checks when a worker starts; the URL check
+# imports the whole API (drf-spectacular, the FHIR models, pydicom), which a worker never
+# serves: 0.6 s of its 2-2.5 s cold start on a 2-core node (bench/worker.py). The checks
+# belong to deploys (`manage.py check --deploy`, `migrate`), which still run them.
+os.environ.setdefault("CELERY_SKIP_CHECKS", "true")
 
 from django.conf import settings  # noqa: E402  (needs DJANGO_SETTINGS_MODULE first)
 
@@ -57,6 +62,13 @@ app.conf.update(
         "unacked_restore_throttle": 1,
     },
     broker_connection_retry_on_startup=True,
+    # Celery's Django fixup closes the database connection after every task (celery#9824:
+    # a time limit can interrupt a query and leave a connection that looks usable), so each
+    # batch, however small, paid for a new PostgreSQL connection: a backend process and
+    # about 5 ms before its claim. With this it closes one every 1000 tasks instead, and
+    # workers.tasks closes it after any task that raised and checks it before each task
+    # (CONN_MAX_AGE, CONN_HEALTH_CHECKS), as Django does around a request.
+    CELERY_DB_REUSE_MAX=1000,
     task_time_limit=settings.CLASSIFY_TIME_LIMIT_S,
     # The soft limit raises inside the task first, so a slow input is retried, then failed.
     task_soft_time_limit=max(int(settings.CLASSIFY_TIME_LIMIT_S * 0.9), 1),

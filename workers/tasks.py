@@ -8,11 +8,17 @@ import django
 
 django.setup()
 
-from celery.signals import worker_process_init, worker_ready  # noqa: E402
+from celery import states  # noqa: E402
+from celery.signals import (  # noqa: E402
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_ready,
+)
 from celery_batches import Batches, SimpleRequest  # noqa: E402
 from celery_batches.trace import apply_batches_task  # noqa: E402
 from django.conf import settings  # noqa: E402
-from django.db import DatabaseError  # noqa: E402
+from django.db import DatabaseError, close_old_connections, connections  # noqa: E402
 
 from diagnostics import jobs, services, storage  # noqa: E402
 from workers import instruments  # noqa: E402
@@ -66,6 +72,29 @@ def _load_model_in_a_threads_pool(**_):
 
         _prepare_before_taking_jobs()
         _ready_once_the_model_is_loaded()
+
+
+def _in_a_worker(task) -> bool:
+    # An eager task runs inside its caller (a test's transaction): its connection is not ours.
+    return not getattr(task.request, "is_eager", False)
+
+
+@task_prerun.connect
+def _drop_an_expired_or_broken_database_connection(sender=None, **_):
+    if _in_a_worker(sender):
+        close_old_connections()
+
+
+@task_postrun.connect
+def _keep_the_database_connection_unless_the_task_raised(sender=None, state=None, **_):
+    # Celery's fixup no longer closes it after each task (CELERY_DB_REUSE_MAX, workers.app).
+    # An exception, a time limit's included, may have left it mid-query: never reuse that.
+    if not _in_a_worker(sender):
+        return
+    if state == states.SUCCESS:
+        close_old_connections()
+    else:
+        connections.close_all()
 
 
 def _backoff_s(retries: int) -> int:

@@ -47,7 +47,10 @@ def test_a_worker_does_not_import_what_only_uploads_and_webhook_deliveries_need(
     # Each is a tenth of a second or more of every worker's cold start (bench/worker.py).
     code = (
         "import sys, workers.app, workers.tasks, workers.webhooks, workers.logs, workers.health; "
-        "print(sorted(m for m in ('pydicom', 'requests') if m in sys.modules))"
+        # What a starting worker does next: import its modules, which is when Celery's
+        # Django fixup would run the system checks and with them import the URLconf.
+        "from workers.app import app; app.loader.import_default_modules(); "
+        "print(sorted(m for m in ('pydicom', 'requests', 'diagnostics.urls') if m in sys.modules))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True

@@ -256,3 +256,61 @@ def test_a_pool_process_makes_its_s3_client_before_taking_jobs(monkeypatch, tiny
 
     assert storage._new_client.cache_info().currsize == 1
     assert storage._http.cache_info().currsize == 1
+
+
+def _backend_pid() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+def _as_a_worker_runs(task, state):
+    """The signals a worker sends around a task, and what Celery's Django fixup does then."""
+    from celery.fixups.django import DjangoWorkerFixup
+    from celery.signals import task_postrun, task_prerun
+
+    fixup = DjangoWorkerFixup(tasks.app)
+    fixup.on_task_prerun(sender=task)
+    task_prerun.send(sender=task, task_id="t", task=task, args=(), kwargs={})
+    fixup.on_task_postrun(sender=task)
+    task_postrun.send(sender=task, task_id="t", task=task, args=(), kwargs={}, state=state)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_keeps_its_database_connection_for_the_next_task():
+    backend = _backend_pid()
+
+    _as_a_worker_runs(tasks.classify_image, "SUCCESS")
+    _as_a_worker_runs(tasks.resend_stuck_images, "SUCCESS")
+
+    assert _backend_pid() == backend
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_that_raised_leaves_no_database_connection_to_the_next():
+    from django.db import connection
+
+    backend = _backend_pid()
+
+    _as_a_worker_runs(tasks.classify_image, "FAILURE")
+
+    assert connection.connection is None
+    assert _backend_pid() != backend
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_broken_database_connection_is_replaced_before_the_next_task():
+    from django.db import connection
+
+    backend = _backend_pid()
+    # What a PostgreSQL restart does to it, from another connection.
+    other = connection.copy()
+    with other.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s, 5000)", [backend])
+    other.close()
+
+    _as_a_worker_runs(tasks.classify_image, "SUCCESS")
+
+    assert _backend_pid() != backend
