@@ -250,6 +250,16 @@ CONFIGURATIONS = [
         "prefork -c 2, 1 interpreter of 1 thread each",
         {"CELERY_WORKER_CONCURRENCY": 2, "ML_INTERPRETERS": 1, "ML_NUM_THREADS": 1},
     ),
+    # One process whose batches run side by side (a batch's claim and first fetches overlap
+    # the previous one's last results), but Celery's threads pool enforces no time limits.
+    (
+        "threads pool, 2 batches at once",
+        {"CELERY_WORKER_POOL": "threads", "CELERY_WORKER_CONCURRENCY": 2},
+    ),
+    (
+        "threads pool, 3 batches at once",
+        {"CELERY_WORKER_POOL": "threads", "CELERY_WORKER_CONCURRENCY": 3},
+    ),
 ]
 
 
